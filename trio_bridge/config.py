@@ -1,0 +1,122 @@
+"""The bridge's configuration: one frozen value built by the CLI or by an embedding program.
+
+Validation lives here, not in the CLI, so a program that builds a :class:`Config`
+directly gets the same clear errors as a person typing a command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the value and why."""
+
+
+@dataclass(frozen=True)
+class TcpAddress:
+    """A TCP endpoint: a host name or address literal and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UnixAddress:
+    """A Unix-domain stream socket, by path."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+Address = TcpAddress | UnixAddress
+
+
+def parse_port(text: str, what: str) -> int:
+    try:
+        port = int(text, 10)
+    except ValueError:
+        raise ConfigError(f"{what}: {text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{what}: port {port} is out of range 0-65535")
+    return port
+
+
+def parse_host_port(text: str, what: str, default_host: str | None = None) -> TcpAddress:
+    """Parse ``host:port``, ``[v6]:port`` or, when ``default_host`` is given, a bare ``port``."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(f"{what}: {text!r} is not of the form [ipv6]:port")
+        return TcpAddress(host, parse_port(rest[1:], what))
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        if default_host is None:
+            raise ConfigError(f"{what}: {text!r} is not of the form host:port")
+        return TcpAddress(default_host, parse_port(text, what))
+    if not host:
+        if default_host is None:
+            raise ConfigError(f"{what}: {text!r} has no host")
+        host = default_host
+    if ":" in host:
+        raise ConfigError(f"{what}: write IPv6 addresses in brackets, as [{host}]:{port}")
+    return TcpAddress(host, parse_port(port, what))
+
+
+DEFAULT_LISTEN_HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection and per-process bounds. ``None`` means no limit."""
+
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    close_timeout: float = 2.0
+    idle_timeout: float | None = None
+    session_timeout: float | None = None
+    heartbeat: float | None = None
+    max_message_size: int = 1 << 20
+    max_connections: int = 1024
+    shutdown_grace: float = 10.0
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None and value <= 0:
+                flag = "--" + field.name.replace("_", "-")
+                raise ConfigError(f"{flag}: must be greater than 0, got {value}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one bridge process needs to know.
+
+    ``listen`` is where the bridge binds when it is not handed sockets (by systemd or
+    by an embedding program); ``target`` is the only place clients are relayed to.
+    """
+
+    target: Address
+    listen: Address = TcpAddress(DEFAULT_LISTEN_HOST, 6080)
+    unix_listen_mode: int | None = None
+    limits: Limits = Limits()
+    compression: bool = False
+    traffic: bool = False
+    zero_copy: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target, UnixAddress) and not self.target.path:
+            raise ConfigError("--unix-target: the path is empty")
+        if isinstance(self.listen, UnixAddress):
+            parent = Path(self.listen.path).parent
+            if not parent.is_dir():
+                raise ConfigError(f"--unix-listen: folder {parent} does not exist")
+        if self.unix_listen_mode is not None and not isinstance(self.listen, UnixAddress):
+            raise ConfigError("--unix-listen-mode needs --unix-listen")

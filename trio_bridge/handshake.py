@@ -1,0 +1,151 @@
+"""The opening handshake: read one HTTP request and decide the response.
+
+Parsing and validation are websockets' (:class:`~websockets.server.ServerProtocol`);
+this module adds the bridge's policy on top: which subprotocols are acceptable, the
+RFC 6455 ``426`` answer to an unknown protocol version, and a deadline for the whole
+request so a client that trickles headers cannot hold a connection open.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidHeader, NegotiationError
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+
+from .channel import ClientChannel
+from .config import Config
+from .netio import PEER_GONE, Fairness, recv_into
+
+log = logging.getLogger("trio_bridge.handshake")
+
+BINARY = Subprotocol("binary")
+BASE64 = Subprotocol("base64")
+SUPPORTED_WEBSOCKET_VERSION = "13"
+
+
+def select_subprotocol(
+    protocol: ServerProtocol, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """``binary`` when offered; no subprotocol when none is offered; else a clear refusal.
+
+    Browsers fail a connection whose response names none of the subprotocols they
+    offered, so accepting silently would only move the error somewhere less clear.
+    """
+    if BINARY in offered:
+        return BINARY
+    if not offered:
+        return None
+    if BASE64 in offered:
+        raise NegotiationError(
+            "the base64 subprotocol is not supported (use binary, as noVNC >= 1.0 does)"
+        )
+    raise NegotiationError(
+        f"none of the offered subprotocols ({', '.join(offered)}) is supported; "
+        "offer binary or no subprotocol"
+    )
+
+
+def new_protocol(config: Config) -> ServerProtocol:
+    extensions = [ServerPerMessageDeflateFactory()] if config.compression else None
+    return ServerProtocol(
+        select_subprotocol=select_subprotocol,
+        extensions=extensions,
+        max_size=config.limits.max_message_size,
+        logger=logging.getLogger("trio_bridge.websocket"),
+    )
+
+
+@dataclass
+class Refusal:
+    """Why a connection ended before the WebSocket opened, for the log."""
+
+    status: int | None
+    reason: str
+
+
+def _version_response(protocol: ServerProtocol, version: str) -> Response:
+    response = protocol.reject(
+        http.HTTPStatus.UPGRADE_REQUIRED,
+        f"Failed to open a WebSocket connection: WebSocket version {version} is not "
+        f"supported; this server speaks version {SUPPORTED_WEBSOCKET_VERSION}.\n",
+    )
+    response.headers["Sec-WebSocket-Version"] = SUPPORTED_WEBSOCKET_VERSION
+    response.headers["Upgrade"] = "websocket"
+    return response
+
+
+def decide_response(protocol: ServerProtocol, request: Request) -> Response:
+    """websockets' verdict on the request, with 426 for an unsupported version (RFC 6455 4.4)."""
+    response = protocol.accept(request)
+    exc = protocol.handshake_exc
+    if (
+        response.status_code == http.HTTPStatus.BAD_REQUEST
+        and isinstance(exc, InvalidHeader)
+        and exc.name.lower() == "sec-websocket-version"
+        and exc.value is not None
+        and exc.value != "multiple values"
+    ):
+        return _version_response(protocol, exc.value)
+    return response
+
+
+def refusal_reason(response: Response) -> str:
+    """The first line of a rejection's body, which names the cause, for the log."""
+    body = (response.body or b"").decode("utf-8", "replace").strip()
+    prefix = "Failed to open a WebSocket connection: "
+    first = body.splitlines()[0] if body else response.reason_phrase
+    return first.removeprefix(prefix).rstrip(".")
+
+
+async def receive_request(channel: ClientChannel, timeout: float) -> Request | Refusal:
+    """Read bytes until websockets has parsed a request, the client gives up, or time runs out.
+
+    A request that is malformed or too large is answered by websockets itself
+    (400/414/431); its response is flushed here and a :class:`Refusal` returned.
+    """
+    protocol = channel.protocol
+    buffer = memoryview(bytearray(4096))
+    fairness = Fairness()
+    with trio.move_on_after(timeout):
+        while True:
+            try:
+                n = await recv_into(channel.sock, buffer, fairness)
+            except PEER_GONE:
+                n = 0
+            if n == 0:
+                return Refusal(None, "client closed the connection during the handshake")
+            protocol.receive_data(bytes(buffer[:n]))
+            events = protocol.events_received()
+            if events:
+                request = events[0]
+                assert isinstance(request, Request)
+                return request
+            if protocol.handshake_exc is not None:
+                await channel.flush()
+                exc = protocol.handshake_exc
+                cause = exc.__cause__
+                detail = f"{exc}: {cause}" if cause else str(exc)
+                return Refusal(None, f"bad HTTP request ({detail})")
+    return Refusal(None, f"handshake not completed within {timeout:g} s")
+
+
+def plain_response(status: http.HTTPStatus, text: str) -> Response:
+    """An HTTP error response for a connection refused before parsing (e.g. 503)."""
+    body = text.encode()
+    headers = Headers(
+        [
+            ("Connection", "close"),
+            ("Content-Length", str(len(body))),
+            ("Content-Type", "text/plain; charset=utf-8"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)

@@ -1,0 +1,310 @@
+"""One relayed connection: a nursery with one task per direction and explicit close rules.
+
+Close semantics (each ends with one log line, see :meth:`Session.summary`):
+
+- the target sends EOF -> close 1000 "target closed the connection";
+- the target resets or fails -> close 1011 with the cause;
+- the client sends a close frame -> it is echoed, the target socket is closed at once;
+- the client vanishes (EOF or reset without a close frame) -> the target is closed at once;
+- a protocol error by the client -> websockets' close code (1002, 1007, 1009);
+- idle / session time limits and server shutdown -> close 1001 with the reason.
+
+After the bridge sends a close frame it waits at most ``close_timeout`` for the client's
+answer, then closes the TCP connection anyway.
+
+Memory per session is bounded: each direction holds one receive buffer, and a read
+from one side only happens after the previous chunk has been written to the other
+side, so a slow reader slows down the writer (backpressure both ways).
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import cast
+
+import trio
+from websockets.frames import Frame, Opcode
+from websockets.protocol import OPEN
+
+from .channel import ClientChannel, ClientGone
+from .config import Config
+from .netio import PEER_GONE, Fairness, close_socket, recv_into, send_all
+from .zerocopy import SpliceDownstream
+
+log = logging.getLogger("trio_bridge.session")
+
+RECV_SIZE = 64 * 1024
+
+NORMAL, GOING_AWAY, ABNORMAL, INTERNAL_ERROR, INVALID_DATA = 1000, 1001, 1006, 1011, 1007
+DATA_OPCODES = (Opcode.BINARY, Opcode.TEXT, Opcode.CONT)
+
+
+@dataclass
+class SessionStats:
+    """What the end-of-session log line reports."""
+
+    session_id: str
+    client: str
+    target: str
+    started: float = field(default_factory=time.monotonic)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    close_code: int | None = None
+    close_reason: str = ""
+    closed_by: str = ""
+
+    def summary(self) -> str:
+        duration = time.monotonic() - self.started
+        return (
+            f"session {self.session_id} ended: client={self.client} target={self.target} "
+            f"up={self.bytes_up}B down={self.bytes_down}B duration={duration:.3f}s "
+            f"close={self.close_code} by {self.closed_by} ({self.close_reason or 'no reason'})"
+        )
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(4)
+
+
+class Session:
+    """Relays between an open WebSocket (``channel``) and a connected ``target`` socket."""
+
+    def __init__(
+        self,
+        channel: ClientChannel,
+        target: socket.socket,
+        config: Config,
+        stats: SessionStats,
+    ) -> None:
+        self.channel = channel
+        self.protocol = channel.protocol
+        self.target = target
+        self.config = config
+        self.stats = stats
+        self._close_requested = trio.Event()
+        self._requested_close: tuple[int, str] = (NORMAL, "")
+        self._pong = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self._target_failed = False
+
+    # -- public -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        limits = self.config.limits
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._client_to_target)
+                nursery.start_soon(self._target_to_client)
+                nursery.start_soon(self._closer)
+                if limits.heartbeat is not None:
+                    nursery.start_soon(self._keepalive, limits.heartbeat)
+                if limits.idle_timeout is not None:
+                    nursery.start_soon(self._idle_watch, limits.idle_timeout)
+                if limits.session_timeout is not None:
+                    nursery.start_soon(self._session_limit, limits.session_timeout)
+        finally:
+            close_socket(self.target)
+            close_socket(self.channel.sock)
+            if self.stats.close_code is None:
+                self._record_end(ABNORMAL, "session cancelled", "bridge")
+
+    def request_close(self, code: int, reason: str) -> None:
+        """Start a server-side closing handshake; the first request wins."""
+        if not self._close_requested.is_set():
+            self._requested_close = (code, reason)
+            self._close_requested.set()
+
+    # -- the two directions -------------------------------------------------------
+
+    async def _client_to_target(self) -> None:
+        protocol = self.protocol
+        client = self.channel.sock
+        stats = self.stats
+        buffer = bytearray(RECV_SIZE)
+        view = memoryview(buffer)
+        fairness = Fairness()
+        text_decoder: codecs.IncrementalDecoder | None = None
+        try:
+            while True:
+                try:
+                    n = await recv_into(client, view, fairness)
+                except PEER_GONE:
+                    n = 0
+                if n == 0:
+                    protocol.receive_eof()
+                    self._record_end(ABNORMAL, "client vanished without a close frame", "client")
+                    self._abort()
+                    return
+                protocol.receive_data(buffer[:n])
+                # After the handshake, websockets only emits frames.
+                for frame in cast(list[Frame], protocol.events_received()):
+                    opcode = frame.opcode
+                    if opcode in DATA_OPCODES:
+                        if opcode is Opcode.TEXT:
+                            text_decoder = codecs.getincrementaldecoder("utf-8")()
+                        if text_decoder is not None:
+                            try:
+                                text_decoder.decode(frame.data, final=frame.fin)
+                            except UnicodeDecodeError as exc:
+                                reason = f"invalid UTF-8 in text message: {exc.reason}"
+                                protocol.fail(INVALID_DATA, reason)
+                                break
+                            if frame.fin:
+                                text_decoder = None
+                        data = frame.data
+                        if data:
+                            await self._send_to_target(data)
+                            stats.bytes_up += len(data)
+                    elif opcode is Opcode.PONG:
+                        self._pong.set()
+                    elif opcode is Opcode.CLOSE and protocol.close_rcvd is not None:
+                        self._record_end(
+                            protocol.close_rcvd.code, protocol.close_rcvd.reason, "client"
+                        )
+                await self.channel.flush()
+                if protocol.parser_exc is not None and self.stats.close_code is None:
+                    sent = protocol.close_sent
+                    code, reason = (sent.code, sent.reason) if sent else (ABNORMAL, "")
+                    self._record_end(code, reason or str(protocol.parser_exc), "bridge")
+                if protocol.close_expected() or protocol.parser_exc is not None:
+                    self._abort()
+                    return
+                if protocol.state is not OPEN and protocol.close_sent and protocol.close_rcvd:
+                    self._abort()
+                    return
+        except ClientGone as exc:
+            self._record_end(ABNORMAL, f"client connection failed: {exc}", "client")
+            self._abort()
+
+    async def _send_to_target(self, data: bytes | bytearray | memoryview) -> None:
+        """Forward client data; once the target has failed, data is dropped while the
+        closing handshake with the client completes."""
+        if self._target_failed:
+            return
+        try:
+            await send_all(self.target, data)
+        except PEER_GONE:
+            self._target_failed = True
+            self.request_close(INTERNAL_ERROR, f"target {self.stats.target} reset the connection")
+
+    async def _target_to_client(self) -> None:
+        try:
+            if self.config.zero_copy and SpliceDownstream.usable(self):
+                await SpliceDownstream(self).run()
+            else:
+                await self._target_to_client_framed()
+        except ClientGone as exc:
+            self._record_end(ABNORMAL, f"client connection failed: {exc}", "client")
+            self._abort()
+
+    async def _target_to_client_framed(self) -> None:
+        """The portable path: every chunk goes through websockets' frame serialiser."""
+        protocol = self.protocol
+        stats = self.stats
+        buffer = bytearray(RECV_SIZE)
+        view = memoryview(buffer)
+        fairness = Fairness()
+        while True:
+            n = await self.read_target(view, fairness)
+            if n == 0:
+                return
+            if protocol.state is not OPEN:
+                return
+            protocol.send_binary(view[:n])
+            stats.bytes_down += n
+            await self.channel.flush()
+
+    async def read_target(self, view: memoryview, fairness: Fairness) -> int:
+        """Read from the target; on EOF or failure, ask for the matching close and return 0."""
+        try:
+            n = await recv_into(self.target, view, fairness)
+        except PEER_GONE:
+            self.request_close(INTERNAL_ERROR, f"target {self.stats.target} reset the connection")
+            return 0
+        if n == 0:
+            self.request_close(NORMAL, "target closed the connection")
+        return n
+
+    # -- closing ---------------------------------------------------------------------
+
+    async def _closer(self) -> None:
+        await self._close_requested.wait()
+        code, reason = self._requested_close
+        protocol = self.protocol
+        if protocol.state is OPEN:
+            protocol.send_close(code, _fit_reason(reason))
+            self._record_end(code, reason, "bridge")
+            try:
+                with trio.move_on_after(self.config.limits.close_timeout):
+                    await self.channel.flush()
+            except ClientGone:
+                self._abort()
+                return
+        # The client's answer ends the session via _client_to_target; don't wait forever.
+        assert self._scope is not None
+        self._scope.deadline = min(
+            self._scope.deadline, trio.current_time() + self.config.limits.close_timeout
+        )
+
+    def _abort(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _record_end(self, code: int, reason: str, by: str) -> None:
+        if self.stats.close_code is None:
+            self.stats.close_code = code
+            self.stats.close_reason = reason
+            self.stats.closed_by = by
+
+    # -- timers ------------------------------------------------------------------------
+
+    async def _keepalive(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            if self.protocol.state is not OPEN:
+                return
+            self._pong = trio.Event()
+            self.protocol.send_ping(secrets.token_bytes(4))
+            await self.channel.flush()
+            with trio.move_on_after(interval) as waited:
+                await self._pong.wait()
+            if waited.cancelled_caught:
+                self.protocol.fail(INTERNAL_ERROR, f"no pong within {interval:g} s")
+                reason = f"keepalive: no pong within {interval:g} s"
+                self._record_end(INTERNAL_ERROR, reason, "bridge")
+                with trio.move_on_after(self.config.limits.close_timeout):
+                    await self.channel.flush()
+                self._abort()
+                return
+
+    async def _idle_watch(self, idle_timeout: float) -> None:
+        stats = self.stats
+        step = idle_timeout / 4
+        last_seen = (stats.bytes_up, stats.bytes_down)
+        last_change = trio.current_time()
+        while True:
+            await trio.sleep(step)
+            now_seen = (stats.bytes_up, stats.bytes_down)
+            if now_seen != last_seen:
+                last_seen, last_change = now_seen, trio.current_time()
+            elif trio.current_time() - last_change >= idle_timeout:
+                self.request_close(GOING_AWAY, f"idle for {idle_timeout:g} s")
+                return
+
+    async def _session_limit(self, limit: float) -> None:
+        await trio.sleep(limit)
+        self.request_close(GOING_AWAY, f"session time limit of {limit:g} s reached")
+
+
+def _fit_reason(reason: str) -> str:
+    """Close reasons are limited to 123 bytes of UTF-8 (RFC 6455 5.5)."""
+    encoded = reason.encode()
+    if len(encoded) <= 123:
+        return reason
+    return encoded[:120].decode("utf-8", "ignore") + "..."
