@@ -141,6 +141,15 @@ class Bridge:
             connections.start_soon(self._handle, sock)
             await fairness.tick()
 
+    async def serve_connection(self, sock: socket.socket) -> None:
+        """Serve one already-accepted connection and return when it ends.
+
+        This is the inetd / systemd ``Accept=yes`` path: the same handshake, limits,
+        relay and log line as a connection from :meth:`serve`'s listeners.
+        """
+        sock.setblocking(False)
+        await self._handle(sock)
+
     async def _handle(self, sock: socket.socket) -> None:
         peer = peer_name(sock)
         if self.connections >= self.config.limits.max_connections:
