@@ -238,7 +238,7 @@ class Bridge:
             await session.run()
         finally:
             self.sessions.discard(session)
-            log.info("%s", stats.summary())
+            log.info("%s", stats.summary(), extra=stats.journal_fields())
 
 
 async def serve(

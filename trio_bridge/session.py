@@ -58,6 +58,19 @@ class SessionStats:
     close_reason: str = ""
     closed_by: str = ""
 
+    def journal_fields(self) -> dict[str, object]:
+        """Structured fields for the session's end line (journald stores them as-is)."""
+        return {
+            "SESSION_ID": self.session_id,
+            "CLIENT": self.client,
+            "TARGET": self.target,
+            "BYTES_UP": self.bytes_up,
+            "BYTES_DOWN": self.bytes_down,
+            "DURATION": round(time.monotonic() - self.started, 6),
+            "CLOSE_CODE": self.close_code,
+            "CLOSE_REASON": self.close_reason,
+        }
+
     def summary(self) -> str:
         duration = time.monotonic() - self.started
         return (
