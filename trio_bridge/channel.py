@@ -1,4 +1,4 @@
-"""The client side of one connection: a socket, its WebSocket protocol state, and ordered writes.
+"""The client side of one connection: a transport, its WebSocket protocol state, ordered writes.
 
 websockets' sans-I/O :class:`~websockets.server.ServerProtocol` decides *what* to send
 (handshake responses, frames, pongs, close frames, EOF); this class decides *when*.
@@ -10,30 +10,28 @@ the order the protocol produced them and a frame is never interleaved with anoth
 
 from __future__ import annotations
 
-import contextlib
-import socket
-
 import trio
 from websockets.server import ServerProtocol
 
-from .netio import PEER_GONE, Fairness, close_socket, recv_into, send_all
+from .netio import PEER_GONE, Bytes
+from .transport import Transport
 
 
 class ClientGone(Exception):
-    """The client's socket failed (reset, broken pipe): nothing more can be sent to it."""
+    """The client's connection failed (reset, broken pipe): nothing more can be sent to it."""
 
 
 class ClientChannel:
-    def __init__(self, sock: socket.socket, protocol: ServerProtocol, peer: str) -> None:
-        self.sock = sock
+    def __init__(self, transport: Transport, protocol: ServerProtocol, peer: str) -> None:
+        self.transport = transport
         self.protocol = protocol
         self.peer = peer
         self.eof_sent = False
-        self._write_lock = trio.StrictFIFOLock()
+        self.write_lock = trio.StrictFIFOLock()
 
     async def flush(self) -> None:
         """Send everything the protocol has queued, in order; half-close on its EOF marker."""
-        lock = self._write_lock
+        lock = self.write_lock
         if lock.locked():
             await lock.acquire()
         else:
@@ -44,21 +42,16 @@ class ClientChannel:
                     await self.send_raw(chunk)
                 elif not self.eof_sent:
                     self.eof_sent = True
-                    with contextlib.suppress(OSError):
-                        self.sock.shutdown(socket.SHUT_WR)
+                    await self.transport.send_eof()
         finally:
             lock.release()
 
-    async def send_raw(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
+    async def send_raw(self, data: Bytes, *, more: bool = False) -> None:
         """Write bytes that bypass the protocol object; callers hold the write lock."""
         try:
-            await send_all(self.sock, data, flags)
+            await self.transport.send_all(data, more=more)
         except PEER_GONE as exc:
             raise ClientGone(str(exc)) from exc
-
-    @property
-    def write_lock(self) -> trio.StrictFIFOLock:
-        return self._write_lock
 
     async def linger_and_close(self, timeout: float) -> None:
         """Close after our EOF, reading until the client's EOF or ``timeout``.
@@ -68,15 +61,13 @@ class ClientChannel:
         client read what we sent.
         """
         if not self.eof_sent:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_WR)
             self.eof_sent = True
+            await self.transport.send_eof()
         scratch = memoryview(bytearray(4096))
-        fairness = Fairness()
         with trio.move_on_after(timeout):
             try:
-                while await recv_into(self.sock, scratch, fairness):
+                while await self.transport.recv_into(scratch):
                     pass
             except OSError:
                 pass
-        close_socket(self.sock)
+        await self.transport.aclose()

@@ -23,7 +23,7 @@ from websockets.typing import Subprotocol
 
 from .channel import ClientChannel
 from .config import Config
-from .netio import PEER_GONE, Fairness, recv_into
+from .netio import PEER_GONE
 
 log = logging.getLogger("trio_bridge.handshake")
 
@@ -114,11 +114,10 @@ async def receive_request(channel: ClientChannel, timeout: float) -> Request | R
     """
     protocol = channel.protocol
     buffer = memoryview(bytearray(4096))
-    fairness = Fairness()
     with trio.move_on_after(timeout):
         while True:
             try:
-                n = await recv_into(channel.sock, buffer, fairness)
+                n = await channel.transport.recv_into(buffer)
             except PEER_GONE:
                 n = 0
             if n == 0:

@@ -19,6 +19,7 @@ import errno
 import http
 import logging
 import socket
+import time
 from collections.abc import Sequence
 
 import trio
@@ -35,8 +36,10 @@ from .handshake import (
     refusal_reason,
 )
 from .netio import Fairness, close_socket, peer_name
+from .observe import ObserverFactory, SessionInfo
 from .session import INTERNAL_ERROR, Session, SessionStats, new_session_id
 from .targets import TargetUnavailable, connect
+from .transport import SocketTransport, Transport
 
 log = logging.getLogger("trio_bridge.server")
 
@@ -49,8 +52,9 @@ GOING_AWAY = 1001
 class Bridge:
     """Serves WebSocket clients on listeners and relays each to ``config.target``."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, observers: ObserverFactory | None = None) -> None:
         self.config = config
+        self.observers = observers
         self.sessions: set[Session] = set()
         self.connections = 0
         self.listen_addresses: list[str] = []
@@ -152,39 +156,44 @@ class Bridge:
 
     async def _handle(self, sock: socket.socket) -> None:
         peer = peer_name(sock)
+        transport = self._client_transport(sock)
         if self.connections >= self.config.limits.max_connections:
-            await self._refuse_overload(sock, peer)
+            await self._refuse_overload(transport, peer)
             return
         if self.connections == 0:
             self._no_connections = trio.Event()
         self.connections += 1
         try:
-            await self._serve_connection(sock, peer)
+            await self._serve_connection(transport, peer)
         except ClientGone as exc:
             log.info("client %s: connection failed during the handshake: %s", peer, exc)
         finally:
-            close_socket(sock)
+            await transport.aclose()
             self.connections -= 1
             if self.connections == 0:
                 self._no_connections.set()
 
-    async def _refuse_overload(self, sock: socket.socket, peer: str) -> None:
+    def _client_transport(self, sock: socket.socket) -> Transport:
+        """How bytes are read from and written to an accepted client connection."""
+        return SocketTransport(sock)
+
+    async def _refuse_overload(self, transport: Transport, peer: str) -> None:
         limit = self.config.limits.max_connections
         log.warning("client %s: refused with 503: connection limit (%d) reached", peer, limit)
         response = plain_response(
             http.HTTPStatus.SERVICE_UNAVAILABLE,
             f"Too many connections: this bridge serves at most {limit}.\n",
         )
-        channel = ClientChannel(sock, new_protocol(self.config), peer)
+        channel = ClientChannel(transport, new_protocol(self.config), peer)
         with contextlib.suppress(ClientGone):
             await channel.send_raw(response.serialize())
         await channel.linger_and_close(1.0)
 
-    async def _serve_connection(self, sock: socket.socket, peer: str) -> None:
+    async def _serve_connection(self, transport: Transport, peer: str) -> None:
         config = self.config
         limits = config.limits
         protocol = new_protocol(config)
-        channel = ClientChannel(sock, protocol, peer)
+        channel = ClientChannel(transport, protocol, peer)
 
         request = await receive_request(channel, limits.handshake_timeout)
         if isinstance(request, Refusal):
@@ -222,7 +231,7 @@ class Bridge:
         try:
             await channel.flush()
         except BaseException:
-            close_socket(target)
+            await target.aclose()
             raise
         log.debug(
             "session %s opened: client=%s path=%s target=%s subprotocol=%s",
@@ -232,7 +241,18 @@ class Bridge:
             config.target,
             protocol.subprotocol,
         )
-        session = Session(channel, target, config, stats)
+        observer = None
+        if self.observers is not None:
+            info = SessionInfo(
+                session_id=stats.session_id,
+                client=peer,
+                target=stats.target,
+                path=request.path,
+                subprotocol=protocol.subprotocol,
+                started_wall=time.time(),
+            )
+            observer = self.observers.open(info)
+        session = Session(channel, target, config, stats, observer)
         self.sessions.add(session)
         try:
             await session.run()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import codecs
 import logging
 import secrets
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import cast
@@ -33,12 +32,15 @@ from websockets.protocol import OPEN
 
 from .channel import ClientChannel, ClientGone
 from .config import Config
-from .netio import PEER_GONE, Fairness, close_socket, recv_into, send_all
+from .netio import PEER_GONE, Bytes
+from .observe import Direction, SessionObserver
+from .transport import Transport
 from .zerocopy import SpliceDownstream
 
 log = logging.getLogger("trio_bridge.session")
 
 RECV_SIZE = 64 * 1024
+TRAFFIC_INTERVAL = 10.0
 
 NORMAL, GOING_AWAY, ABNORMAL, INTERNAL_ERROR, INVALID_DATA = 1000, 1001, 1006, 1011, 1007
 DATA_OPCODES = (Opcode.BINARY, Opcode.TEXT, Opcode.CONT)
@@ -85,25 +87,28 @@ def new_session_id() -> str:
 
 
 class Session:
-    """Relays between an open WebSocket (``channel``) and a connected ``target`` socket."""
+    """Relays between an open WebSocket (``channel``) and a connected ``target``."""
 
     def __init__(
         self,
         channel: ClientChannel,
-        target: socket.socket,
+        target: Transport,
         config: Config,
         stats: SessionStats,
+        observer: SessionObserver | None = None,
     ) -> None:
         self.channel = channel
         self.protocol = channel.protocol
         self.target = target
         self.config = config
         self.stats = stats
+        self.observer = observer
         self._close_requested = trio.Event()
         self._requested_close: tuple[int, str] = (NORMAL, "")
         self._pong = trio.Event()
         self._scope: trio.CancelScope | None = None
         self._target_failed = False
+        self._close_observed = False
 
     # -- public -------------------------------------------------------------------
 
@@ -121,11 +126,16 @@ class Session:
                     nursery.start_soon(self._idle_watch, limits.idle_timeout)
                 if limits.session_timeout is not None:
                     nursery.start_soon(self._session_limit, limits.session_timeout)
+                if self.config.traffic:
+                    nursery.start_soon(self._traffic_report)
         finally:
-            close_socket(self.target)
-            close_socket(self.channel.sock)
+            await self.target.aclose()
+            await self.channel.transport.aclose()
             if self.stats.close_code is None:
                 self._record_end(ABNORMAL, "session cancelled", "bridge")
+            if self.observer is not None:
+                stats = self.stats
+                self.observer.on_end(stats.close_code, stats.close_reason, stats.closed_by)
 
     def request_close(self, code: int, reason: str) -> None:
         """Start a server-side closing handshake; the first request wins."""
@@ -137,16 +147,16 @@ class Session:
 
     async def _client_to_target(self) -> None:
         protocol = self.protocol
-        client = self.channel.sock
+        client = self.channel.transport
         stats = self.stats
+        observer = self.observer
         buffer = bytearray(RECV_SIZE)
         view = memoryview(buffer)
-        fairness = Fairness()
         text_decoder: codecs.IncrementalDecoder | None = None
         try:
             while True:
                 try:
-                    n = await recv_into(client, view, fairness)
+                    n = await client.recv_into(view)
                 except PEER_GONE:
                     n = 0
                 if n == 0:
@@ -157,6 +167,8 @@ class Session:
                 protocol.receive_data(buffer[:n])
                 # After the handshake, websockets only emits frames.
                 for frame in cast(list[Frame], protocol.events_received()):
+                    if observer is not None:
+                        observer.on_frame(Direction.UP, frame)
                     opcode = frame.opcode
                     if opcode in DATA_OPCODES:
                         if opcode is Opcode.TEXT:
@@ -176,39 +188,39 @@ class Session:
                             stats.bytes_up += len(data)
                     elif opcode is Opcode.PONG:
                         self._pong.set()
+                    elif opcode is Opcode.PING and observer is not None:
+                        observer.on_frame(Direction.DOWN, Frame(Opcode.PONG, frame.data))
                     elif opcode is Opcode.CLOSE and protocol.close_rcvd is not None:
-                        self._record_end(
-                            protocol.close_rcvd.code, protocol.close_rcvd.reason, "client"
-                        )
+                        rcvd = protocol.close_rcvd
+                        self._record_end(rcvd.code, rcvd.reason, "client")
                 await self.channel.flush()
-                if protocol.parser_exc is not None and self.stats.close_code is None:
+                self._observe_close_sent()
+                failure = protocol.parser_exc
+                if failure is not None:
                     sent = protocol.close_sent
                     code, reason = (sent.code, sent.reason) if sent else (ABNORMAL, "")
-                    self._record_end(code, reason or str(protocol.parser_exc), "bridge")
-                if protocol.close_expected() or protocol.parser_exc is not None:
-                    self._abort()
-                    return
-                if protocol.state is not OPEN and protocol.close_sent and protocol.close_rcvd:
+                    self._record_end(code, reason or str(failure), "bridge")
+                if protocol.close_expected() or failure is not None or protocol.close_rcvd:
                     self._abort()
                     return
         except ClientGone as exc:
             self._record_end(ABNORMAL, f"client connection failed: {exc}", "client")
             self._abort()
 
-    async def _send_to_target(self, data: bytes | bytearray | memoryview) -> None:
+    async def _send_to_target(self, data: Bytes) -> None:
         """Forward client data; once the target has failed, data is dropped while the
         closing handshake with the client completes."""
         if self._target_failed:
             return
         try:
-            await send_all(self.target, data)
+            await self.target.send_all(data)
         except PEER_GONE:
             self._target_failed = True
             self.request_close(INTERNAL_ERROR, f"target {self.stats.target} reset the connection")
 
     async def _target_to_client(self) -> None:
         try:
-            if self.config.zero_copy and SpliceDownstream.usable(self):
+            if self.config.zero_copy and self.observer is None and SpliceDownstream.usable(self):
                 await SpliceDownstream(self).run()
             else:
                 await self._target_to_client_framed()
@@ -220,23 +232,23 @@ class Session:
         """The portable path: every chunk goes through websockets' frame serialiser."""
         protocol = self.protocol
         stats = self.stats
+        observer = self.observer
         buffer = bytearray(RECV_SIZE)
         view = memoryview(buffer)
-        fairness = Fairness()
         while True:
-            n = await self.read_target(view, fairness)
-            if n == 0:
+            n = await self.read_target(view)
+            if n == 0 or protocol.state is not OPEN:
                 return
-            if protocol.state is not OPEN:
-                return
+            if observer is not None:
+                observer.on_frame(Direction.DOWN, Frame(Opcode.BINARY, bytes(view[:n])))
             protocol.send_binary(view[:n])
             stats.bytes_down += n
             await self.channel.flush()
 
-    async def read_target(self, view: memoryview, fairness: Fairness) -> int:
+    async def read_target(self, view: memoryview) -> int:
         """Read from the target; on EOF or failure, ask for the matching close and return 0."""
         try:
-            n = await recv_into(self.target, view, fairness)
+            n = await self.target.recv_into(view)
         except PEER_GONE:
             self.request_close(INTERNAL_ERROR, f"target {self.stats.target} reset the connection")
             return 0
@@ -253,6 +265,7 @@ class Session:
         if protocol.state is OPEN:
             protocol.send_close(code, _fit_reason(reason))
             self._record_end(code, reason, "bridge")
+            self._observe_close_sent()
             try:
                 with trio.move_on_after(self.config.limits.close_timeout):
                     await self.channel.flush()
@@ -264,6 +277,13 @@ class Session:
         self._scope.deadline = min(
             self._scope.deadline, trio.current_time() + self.config.limits.close_timeout
         )
+
+    def _observe_close_sent(self) -> None:
+        """Report the close frame the protocol sent (ours, an echo, or a failure), once."""
+        sent = self.protocol.close_sent
+        if self.observer is not None and sent is not None and not self._close_observed:
+            self._close_observed = True
+            self.observer.on_frame(Direction.DOWN, Frame(Opcode.CLOSE, sent.serialize()))
 
     def _abort(self) -> None:
         if self._scope is not None:
@@ -283,7 +303,10 @@ class Session:
             if self.protocol.state is not OPEN:
                 return
             self._pong = trio.Event()
-            self.protocol.send_ping(secrets.token_bytes(4))
+            payload = secrets.token_bytes(4)
+            self.protocol.send_ping(payload)
+            if self.observer is not None:
+                self.observer.on_frame(Direction.DOWN, Frame(Opcode.PING, payload))
             await self.channel.flush()
             with trio.move_on_after(interval) as waited:
                 await self._pong.wait()
@@ -291,6 +314,7 @@ class Session:
                 self.protocol.fail(INTERNAL_ERROR, f"no pong within {interval:g} s")
                 reason = f"keepalive: no pong within {interval:g} s"
                 self._record_end(INTERNAL_ERROR, reason, "bridge")
+                self._observe_close_sent()
                 with trio.move_on_after(self.config.limits.close_timeout):
                     await self.channel.flush()
                 self._abort()
@@ -309,6 +333,17 @@ class Session:
             elif trio.current_time() - last_change >= idle_timeout:
                 self.request_close(GOING_AWAY, f"idle for {idle_timeout:g} s")
                 return
+
+    async def _traffic_report(self) -> None:
+        stats = self.stats
+        while True:
+            await trio.sleep(TRAFFIC_INTERVAL)
+            log.info(
+                "session %s traffic: up=%dB down=%dB",
+                stats.session_id,
+                stats.bytes_up,
+                stats.bytes_down,
+            )
 
     async def _session_limit(self, limit: float) -> None:
         await trio.sleep(limit)

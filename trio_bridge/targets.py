@@ -14,6 +14,7 @@ import socket
 import trio
 
 from .config import Address, TcpAddress, UnixAddress
+from .transport import SocketTransport
 
 
 class TargetUnavailable(Exception):
@@ -45,8 +46,8 @@ def describe_failure(target: Address, exc: BaseException) -> str:
     return f"target {target} could not be reached ({detail})"
 
 
-async def connect(target: Address, timeout: float) -> socket.socket:
-    """Open a stream to ``target`` and return it as a non-blocking stdlib socket.
+async def connect(target: Address, timeout: float) -> SocketTransport:
+    """Open a stream to ``target`` over a non-blocking stdlib socket.
 
     Trio's ``open_tcp_stream`` does name resolution and happy eyeballs (``localhost``
     may resolve to ``::1`` first while a VNC server listens on 127.0.0.1 only); the
@@ -69,10 +70,9 @@ async def connect(target: Address, timeout: float) -> socket.socket:
     except OSError as exc:
         raise TargetUnavailable(describe_failure(target, exc)) from exc
     sock = socket.socket(fileno=trio_sock.detach())
-    sock.setblocking(False)
     if isinstance(target, TcpAddress):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    return SocketTransport(sock)
 
 
 __all__ = ["Address", "TargetUnavailable", "UnixAddress", "connect"]

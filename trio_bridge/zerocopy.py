@@ -14,7 +14,6 @@ flight, so idle sessions cost no extra file descriptors.
 from __future__ import annotations
 
 import os
-import socket
 import struct
 from typing import TYPE_CHECKING
 
@@ -84,8 +83,8 @@ class SpliceDownstream:
         return (
             hasattr(os, "splice")
             and not session.protocol.extensions
-            and type(session.channel.sock) is socket.socket
-            and type(session.target) is socket.socket
+            and session.channel.transport.raw is not None
+            and session.target.raw is not None
         )
 
     async def run(self) -> None:
@@ -111,7 +110,8 @@ class SpliceDownstream:
     async def _fill(self, pipe: tuple[int, int], fairness: Fairness) -> int:
         """Move up to CHUNK bytes from the target into the pipe; 0 on EOF or failure."""
         session = self.session
-        target = session.target
+        target = session.target.raw
+        assert target is not None
         while True:
             try:
                 n = os.splice(target.fileno(), pipe[1], CHUNK, flags=SPLICE_FLAGS)
@@ -131,9 +131,10 @@ class SpliceDownstream:
     async def _drain(self, pipe: tuple[int, int], n: int) -> None:
         """Write one frame: header from Python, payload from the pipe, under the write lock."""
         channel = self.session.channel
-        client = channel.sock
+        client = channel.transport.raw
+        assert client is not None
         async with channel.write_lock:
-            await channel.send_raw(binary_frame_header(n), socket.MSG_MORE)
+            await channel.send_raw(binary_frame_header(n), more=True)
             left = n
             while left:
                 try:

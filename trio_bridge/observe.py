@@ -1,0 +1,43 @@
+"""What a session shows to an observer such as the recorder, and nothing else.
+
+An observer sees every WebSocket frame of a session as websockets'
+:class:`~websockets.frames.Frame` (opcode, payload, fin), tagged with its direction.
+Data from the target is reported as the binary frame that carried it to the client.
+Callbacks are synchronous and must not block: an observer that needs I/O buffers
+and does it elsewhere, because the relay waits for nobody.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+from websockets.frames import Frame
+
+
+class Direction(enum.Enum):
+    UP = "client->target"
+    DOWN = "target->client"
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    client: str
+    target: str
+    path: str
+    subprotocol: str | None
+    started_wall: float  # time.time() when the WebSocket opened
+
+
+class SessionObserver(Protocol):
+    def on_frame(self, direction: Direction, frame: Frame) -> None: ...
+
+    def on_end(self, close_code: int | None, close_reason: str, closed_by: str) -> None: ...
+
+
+class ObserverFactory(Protocol):
+    def open(self, info: SessionInfo) -> SessionObserver | None:
+        """An observer for a new session, or None to leave it unobserved."""
+        ...
