@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 
 import trio
+from websockets.http11 import Request, Response
 
 from . import listeners as listeners_mod
 from .channel import ClientChannel, ClientGone
@@ -37,6 +38,13 @@ from .handshake import (
 )
 from .netio import Fairness, close_socket, peer_name
 from .observe import ObserverFactory, SessionInfo
+from .routing import (
+    HttpRefusal,
+    HttpResponder,
+    StaticTarget,
+    TargetResolver,
+    is_websocket_upgrade,
+)
 from .session import INTERNAL_ERROR, Session, SessionStats, new_session_id
 from .targets import TargetUnavailable, connect
 from .transport import SocketTransport, Transport
@@ -52,8 +60,17 @@ GOING_AWAY = 1001
 class Bridge:
     """Serves WebSocket clients on listeners and relays each to ``config.target``."""
 
-    def __init__(self, config: Config, observers: ObserverFactory | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        resolver: TargetResolver | None = None,
+        http: HttpResponder | None = None,
+        observers: ObserverFactory | None = None,
+    ) -> None:
         self.config = config
+        self.resolver = resolver or StaticTarget(config.target)
+        self.http = http
         self.observers = observers
         self.sessions: set[Session] = set()
         self.connections = 0
@@ -201,23 +218,27 @@ class Bridge:
             await channel.linger_and_close(limits.close_timeout)
             return
 
+        if self.http is not None and not is_websocket_upgrade(request):
+            answer = await self.http.respond(request, peer)
+            if answer is not None:
+                await self._answer_http(channel, request, answer)
+                return
+
         response = decide_response(protocol, request)
+        if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS:
+            try:
+                address = await self.resolver.resolve(request, peer)
+            except HttpRefusal as refusal:
+                response = protocol.reject(refusal.status, f"{refusal.reason}\n")
+                for name, value in refusal.headers:
+                    response.headers[name] = value
         if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
-            protocol.send_response(response)
-            await channel.flush()
-            log.warning(
-                "client %s: refused %s with %d: %s",
-                peer,
-                request.path,
-                response.status_code,
-                refusal_reason(response),
-            )
-            await channel.linger_and_close(limits.close_timeout)
+            await self._answer_http(channel, request, response)
             return
 
-        stats = SessionStats(new_session_id(), peer, str(config.target))
+        stats = SessionStats(new_session_id(), peer, str(address))
         try:
-            target = await connect(config.target, limits.connect_timeout)
+            target = await connect(address, limits.connect_timeout)
         except TargetUnavailable as exc:
             # Accept first so that a browser can show the reason: it never sees HTTP errors.
             protocol.send_response(response)
@@ -238,7 +259,7 @@ class Bridge:
             stats.session_id,
             peer,
             request.path,
-            config.target,
+            address,
             protocol.subprotocol,
         )
         observer = None
@@ -259,6 +280,25 @@ class Bridge:
         finally:
             self.sessions.discard(session)
             log.info("%s", stats.summary(), extra=stats.journal_fields())
+
+    async def _answer_http(
+        self, channel: ClientChannel, request: Request, response: Response
+    ) -> None:
+        """Send a non-101 response, log it, and close the connection."""
+        channel.protocol.send_response(response)
+        await channel.flush()
+        status = response.status_code
+        level = logging.INFO if status < 400 else logging.WARNING
+        log.log(
+            level,
+            "client %s: %s %s -> %d%s",
+            channel.peer,
+            request.method,
+            request.path,
+            status,
+            f": {refusal_reason(response)}" if status >= 400 else "",
+        )
+        await channel.linger_and_close(self.config.limits.close_timeout)
 
 
 async def serve(

@@ -1,0 +1,55 @@
+"""What a request is answered with: a target to relay to, or an HTTP response.
+
+The server asks two questions of every parsed request, through these interfaces:
+
+- :class:`HttpResponder` — is this plain HTTP (a file, a health check) that someone
+  other than the relay answers? Only asked for requests that are not WebSocket upgrades.
+- :class:`TargetResolver` — which target may this WebSocket request reach? The answer
+  comes from operator configuration only (a fixed target, later token plugins); a
+  resolver refuses with :class:`HttpRefusal` instead of guessing. No open proxy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from websockets.http11 import Request, Response
+
+from .config import Address
+
+
+class HttpRefusal(Exception):
+    """Answer the request with ``status`` and a short ``reason`` (body and log line)."""
+
+    def __init__(self, status: int, reason: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = list(headers)
+
+
+class TargetResolver(Protocol):
+    async def resolve(self, request: Request, client: str) -> Address:
+        """The target for this request, or raise :class:`HttpRefusal`."""
+        ...
+
+
+class HttpResponder(Protocol):
+    async def respond(self, request: Request, client: str) -> Response | None:
+        """A response for a plain HTTP request, or None when this responder has none."""
+        ...
+
+
+class StaticTarget:
+    """Every request goes to the one target on the command line."""
+
+    def __init__(self, target: Address) -> None:
+        self.target = target
+
+    async def resolve(self, request: Request, client: str) -> Address:
+        return self.target
+
+
+def is_websocket_upgrade(request: Request) -> bool:
+    return any("websocket" in value.lower() for value in request.headers.get_all("Upgrade"))
