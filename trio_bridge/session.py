@@ -153,6 +153,7 @@ class Session:
         buffer = bytearray(RECV_SIZE)
         view = memoryview(buffer)
         text_decoder: codecs.IncrementalDecoder | None = None
+        invalid_text = False
         try:
             while True:
                 try:
@@ -179,6 +180,7 @@ class Session:
                             except UnicodeDecodeError as exc:
                                 reason = f"invalid UTF-8 in text message: {exc.reason}"
                                 protocol.fail(INVALID_DATA, reason)
+                                invalid_text = True
                                 break
                             if frame.fin:
                                 text_decoder = None
@@ -195,12 +197,16 @@ class Session:
                         self._record_end(rcvd.code, rcvd.reason, "client")
                 await self.channel.flush()
                 self._observe_close_sent()
-                failure = protocol.parser_exc
-                if failure is not None:
+                if protocol.parser_exc is not None or invalid_text:
+                    # The client broke the protocol: websockets sent the close frame
+                    # (1002/1007/1009) and EOF; don't wait for a polite answer.
                     sent = protocol.close_sent
                     code, reason = (sent.code, sent.reason) if sent else (ABNORMAL, "")
-                    self._record_end(code, reason or str(failure), "bridge")
-                if protocol.close_expected() or failure is not None or protocol.close_rcvd:
+                    self._record_end(code, reason or str(protocol.parser_exc), "bridge")
+                    await self._linger_then_abort()
+                    return
+                if protocol.close_rcvd is not None:
+                    # Closing handshake complete (ours answered, or theirs echoed).
                     self._abort()
                     return
         except ClientGone as exc:
@@ -285,6 +291,12 @@ class Session:
             self._close_observed = True
             self.observer.on_frame(Direction.DOWN, Frame(Opcode.CLOSE, sent.serialize()))
 
+    async def _linger_then_abort(self) -> None:
+        """End after a failure: let the client read our close frame before the socket
+        closes (closing with unread input sends RST, which can destroy it)."""
+        await self.channel.linger_and_close(self.config.limits.close_timeout)
+        self._abort()
+
     def _abort(self) -> None:
         if self._scope is not None:
             self._scope.cancel()
@@ -317,7 +329,7 @@ class Session:
                 self._observe_close_sent()
                 with trio.move_on_after(self.config.limits.close_timeout):
                     await self.channel.flush()
-                self._abort()
+                await self._linger_then_abort()
                 return
 
     async def _idle_watch(self, idle_timeout: float) -> None:

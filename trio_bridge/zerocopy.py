@@ -95,10 +95,11 @@ class SpliceDownstream:
             clean = False
             try:
                 n = await self._fill(pipe, fairness)
-                if n == 0 or session.protocol.state is not OPEN:
-                    clean = n == 0
+                if n == 0:
+                    clean = True
                     return
-                await self._drain(pipe, n)
+                if not await self._drain(pipe, n):
+                    return
                 session.stats.bytes_down += n
                 clean = True
             finally:
@@ -128,12 +129,18 @@ class SpliceDownstream:
                 await fairness.tick()
             return n
 
-    async def _drain(self, pipe: tuple[int, int], n: int) -> None:
-        """Write one frame: header from Python, payload from the pipe, under the write lock."""
+    async def _drain(self, pipe: tuple[int, int], n: int) -> bool:
+        """Write one frame: header from Python, payload from the pipe, under the write lock.
+
+        Returns False, sending nothing, once a close frame has gone out: no data frame
+        may follow it (RFC 6455 5.5.1).
+        """
         channel = self.session.channel
         client = channel.transport.raw
         assert client is not None
         async with channel.write_lock:
+            if self.session.protocol.state is not OPEN:
+                return False
             await channel.send_raw(binary_frame_header(n), more=True)
             left = n
             while left:
@@ -145,3 +152,4 @@ class SpliceDownstream:
                 except PEER_GONE as exc:
                     raise ClientGone(str(exc)) from exc
                 left -= moved
+        return True
