@@ -25,10 +25,10 @@ from .config import (
     Config,
     ConfigError,
     Limits,
+    StartupError,
     UnixAddress,
     parse_host_port,
 )
-from .listeners import ListenError
 from .server import Bridge
 
 log = logging.getLogger("trio_bridge")
@@ -221,6 +221,13 @@ def setup_logging(verbose: bool) -> None:
     logging.getLogger("trio_bridge.websocket").setLevel(logging.WARNING)
 
 
+def _leaves(group: BaseExceptionGroup[StartupError]) -> list[StartupError]:
+    leaves: list[StartupError] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -229,12 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     setup_logging(args.verbose)
+    failures: list[StartupError] = []
     try:
         trio.run(run, config)
-    except ListenError as exc:
-        print(f"trio-bridge: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except* StartupError as group:
+        # Errors before "serving" arrive wrapped in the nursery's ExceptionGroup.
+        failures = _leaves(group)
+    for failure in failures:
+        print(f"trio-bridge: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

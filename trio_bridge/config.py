@@ -15,6 +15,14 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the value and why."""
 
 
+class StartupError(Exception):
+    """The bridge cannot start (a port is taken, a folder is missing, ...).
+
+    The message is one line naming the cause; the CLI prints it and exits 1. Raise it
+    (or a subclass) from anything that runs before the bridge reports it is serving.
+    """
+
+
 @dataclass(frozen=True)
 class TcpAddress:
     """A TCP endpoint: a host name or address literal and a port."""

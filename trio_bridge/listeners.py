@@ -12,12 +12,12 @@ import os
 import socket
 import stat
 
-from .config import Address, TcpAddress, UnixAddress
+from .config import Address, StartupError, TcpAddress, UnixAddress
 
 BACKLOG = 4096  # the kernel caps this at net.core.somaxconn
 
 
-class ListenError(OSError):
+class ListenError(StartupError):
     """A socket could not be bound; the message names the address and the cause."""
 
 
