@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 import trio
 from websockets.datastructures import Headers
-from websockets.exceptions import InvalidHeader, NegotiationError
+from websockets.exceptions import (
+    HeaderLineTooLong,
+    InvalidHeader,
+    NegotiationError,
+    RequestLineTooLong,
+    TooManyHeaders,
+)
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
@@ -62,6 +68,14 @@ def new_protocol(config: Config) -> ServerProtocol:
         max_size=config.limits.max_message_size,
         logger=logging.getLogger("trio_bridge.websocket"),
     )
+
+
+# What websockets' request parser answers by itself, by the exception it records.
+_PARSER_STATUS: dict[type[Exception], int] = {
+    RequestLineTooLong: http.HTTPStatus.REQUEST_URI_TOO_LONG,
+    HeaderLineTooLong: http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+    TooManyHeaders: http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+}
 
 
 @dataclass
@@ -133,7 +147,9 @@ async def receive_request(channel: ClientChannel, timeout: float) -> Request | R
                 exc = protocol.handshake_exc
                 cause = exc.__cause__
                 detail = f"{exc}: {cause}" if cause else str(exc)
-                return Refusal(None, f"bad HTTP request ({detail})")
+                status = _PARSER_STATUS.get(type(exc))
+                answered = f"refused with {status}: " if status else ""
+                return Refusal(status, f"{answered}bad HTTP request ({detail})")
     return Refusal(None, f"handshake not completed within {timeout:g} s")
 
 

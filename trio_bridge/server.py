@@ -134,10 +134,17 @@ class Bridge:
         connections: trio.Nursery,
         scope: trio.CancelScope,
     ) -> None:
-        with scope:
-            async with trio.open_nursery() as nursery:
-                for listener in listeners:
-                    nursery.start_soon(self._accept_loop, listener, connections)
+        try:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    for listener in listeners:
+                        nursery.start_soon(self._accept_loop, listener, connections)
+        finally:
+            # Close as soon as accepting stops, not when draining ends: a connection
+            # arriving during shutdown is refused at once instead of waiting in the
+            # kernel's queue for a bridge that will never accept it.
+            for listener in listeners:
+                close_socket(listener)
 
     async def _accept_loop(self, listener: socket.socket, connections: trio.Nursery) -> None:
         fairness = Fairness()

@@ -279,10 +279,7 @@ class Session:
                 self._abort()
                 return
         # The client's answer ends the session via _client_to_target; don't wait forever.
-        assert self._scope is not None
-        self._scope.deadline = min(
-            self._scope.deadline, trio.current_time() + self.config.limits.close_timeout
-        )
+        self._end_within_close_timeout()
 
     def _observe_close_sent(self) -> None:
         """Report the close frame the protocol sent (ours, an echo, or a failure), once."""
@@ -291,9 +288,19 @@ class Session:
             self._close_observed = True
             self.observer.on_frame(Direction.DOWN, Frame(Opcode.CLOSE, sent.serialize()))
 
+    def _end_within_close_timeout(self) -> None:
+        assert self._scope is not None
+        self._scope.deadline = min(
+            self._scope.deadline, trio.current_time() + self.config.limits.close_timeout
+        )
+
     async def _linger_then_abort(self) -> None:
         """End after a failure: let the client read our close frame before the socket
-        closes (closing with unread input sends RST, which can destroy it)."""
+        closes (closing with unread input sends RST, which can destroy it).
+
+        Only ``_client_to_target`` may call this: it reads the client socket, and a
+        socket has one reader at a time.
+        """
         await self.channel.linger_and_close(self.config.limits.close_timeout)
         self._abort()
 
@@ -329,7 +336,8 @@ class Session:
                 self._observe_close_sent()
                 with trio.move_on_after(self.config.limits.close_timeout):
                     await self.channel.flush()
-                await self._linger_then_abort()
+                # _client_to_target, the only reader, drains until the client's EOF.
+                self._end_within_close_timeout()
                 return
 
     async def _idle_watch(self, idle_timeout: float) -> None:
