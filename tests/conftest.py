@@ -37,7 +37,9 @@ class TcpTarget:
             self.closed += 1
             self.closed_event.set()
 
-    async def serve(self, *, task_status: trio.TaskStatus[TcpTarget] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[TcpTarget] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         port = listeners[0].socket.getsockname()[1]
         self.address = TcpAddress("127.0.0.1", port)
@@ -100,7 +102,9 @@ async def start_bridge(nursery: trio.Nursery) -> BridgeStarter:
 
 
 @pytest.fixture
-async def bridge(start_bridge: BridgeStarter, echo_target: TcpTarget) -> AsyncIterator[RunningBridge]:
+async def bridge(
+    start_bridge: BridgeStarter, echo_target: TcpTarget
+) -> AsyncIterator[RunningBridge]:
     yield await start_bridge(echo_target.address)
 
 

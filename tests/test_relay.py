@@ -50,7 +50,10 @@ async def test_random_sized_streams_both_ways_checksummed(
                     received.update(data)
                     got += len(data)
 
-            sizes = [rng.choice([1, 2, 125, 126, 127, 65535, 65536, 65537, rng.randrange(1, 300_000)]) for _ in range(200)]
+            sizes = [
+                rng.choice([1, 2, 125, 126, 127, 65535, 65536, 65537, rng.randrange(1, 300_000)])
+                for _ in range(200)
+            ]
             total = sum(sizes)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(reader, total)
