@@ -1,4 +1,4 @@
-"""Shared fixtures: real TCP targets and an in-process bridge on 127.0.0.1 ports chosen by the kernel."""
+"""Shared fixtures: real TCP targets and an in-process bridge on kernel-chosen 127.0.0.1 ports."""
 
 from __future__ import annotations
 
