@@ -30,7 +30,14 @@ class ClientChannel:
         self.write_lock = trio.StrictFIFOLock()
 
     async def flush(self) -> None:
-        """Send everything the protocol has queued, in order; half-close on its EOF marker."""
+        """Send everything the protocol has queued, in order; half-close on its EOF marker.
+
+        With nothing queued this returns at once, without the lock: the task reading
+        the client calls it after every read, and must not wait behind a large frame
+        going to a slow client, or it would stop reading and stall the upstream too.
+        """
+        if not self.protocol.writes:
+            return
         lock = self.write_lock
         if lock.locked():
             await lock.acquire()
