@@ -112,3 +112,169 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# -- Hand-driven clients and log waiting (bad input, close paths) -------------------------
+# Imports here rather than at the top keep this block a pure append to the file.
+
+import logging  # noqa: E402
+from collections.abc import AsyncGenerator, Iterator  # noqa: E402
+from contextlib import asynccontextmanager  # noqa: E402
+
+from websockets.frames import Close, Frame, Opcode  # noqa: E402
+from websockets.http11 import Response  # noqa: E402
+from websockets.streams import StreamReader  # noqa: E402
+from websockets.trio.client import ClientConnection, connect  # noqa: E402
+
+WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455's sample key
+
+
+def ws_request(path: str = "/", **headers: str | None) -> bytes:
+    """A WebSocket opening request; keyword headers (``Sec_WebSocket_Key=``) override or,
+    with ``None``, remove the defaults."""
+    fields: dict[str, str | None] = {
+        "Host": "127.0.0.1",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": WS_KEY,
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Protocol": "binary",
+    }
+    fields.update({name.replace("_", "-"): value for name, value in headers.items()})
+    lines = [f"GET {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in fields.items() if v is not None]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def client_frame(opcode: Opcode, data: bytes, *, fin: bool = True, mask: bool = True) -> bytes:
+    return Frame(opcode, data, fin=fin).serialize(mask=mask, extensions=[])
+
+
+class RawClient:
+    """A real TCP client sending bytes we choose; what the server sends back is parsed with
+    websockets' own HTTP and frame parsers, never assumed."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.reader = StreamReader()
+        self.reset = False
+        host, port = stream.socket.getsockname()[:2]
+        self.local_address = f"{host}:{port}"  # as the bridge logs the client
+
+    @classmethod
+    async def open(cls, port: int) -> RawClient:
+        return cls(await trio.open_tcp_stream("127.0.0.1", port))
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def _feed(self) -> None:
+        if self.reader.eof:
+            raise EOFError("the server closed the connection")
+        try:
+            data = await self.stream.receive_some(65536)
+        except trio.BrokenResourceError:
+            self.reset, data = True, b""
+        if data:
+            self.reader.feed_data(data)
+        else:
+            self.reader.feed_eof()
+
+    async def _run(self, parser: Any) -> Any:
+        try:
+            while True:
+                next(parser)
+                await self._feed()
+        except StopIteration as done:
+            return done.value
+
+    async def read_response(self) -> Response:
+        reader = self.reader
+        response: Response = await self._run(
+            Response.parse(reader.read_line, reader.read_exact, reader.read_to_eof)
+        )
+        return response
+
+    async def handshake(self, path: str = "/") -> None:
+        await self.send(ws_request(path))
+        response = await self.read_response()
+        assert response.status_code == 101, response
+
+    async def read_frame(self) -> Frame:
+        frame: Frame = await self._run(Frame.parse(self.reader.read_exact, mask=False))
+        return frame
+
+    async def read_close(self) -> Close:
+        """Read the server's frames up to its close frame and decode the close payload."""
+        while True:
+            frame = await self.read_frame()
+            if frame.opcode is Opcode.CLOSE:
+                return Close.parse(frame.data)
+
+    async def read_to_eof(self) -> bytes:
+        """Everything the server sends until it closes (FIN or reset)."""
+        while not self.reader.eof:
+            await self._feed()
+        rest = bytes(self.reader.buffer)
+        self.reader.buffer.clear()
+        return rest
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def check_echo(ws: ClientConnection, payload: bytes) -> None:
+    """Send one message and read back the echo (which may arrive in several messages)."""
+    await ws.send(payload)
+    echoed = b""
+    while len(echoed) < len(payload):
+        data = await ws.recv()
+        assert isinstance(data, bytes)
+        echoed += data
+    assert echoed == payload
+
+
+@asynccontextmanager
+async def healthy_session(url: str) -> AsyncGenerator[ClientConnection]:
+    """A session opened before the test body and checked to still relay after it."""
+    async with connect(url, subprotocols=["binary"]) as ws:
+        await check_echo(ws, b"healthy before")
+        yield ws
+        await check_echo(ws, b"healthy after")
+
+
+class LogWaiter(logging.Handler):
+    """Lets a test await a log record; the records themselves are caplog's."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
+        super().__init__(logging.DEBUG)
+        self.caplog = caplog
+        self._new_record = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._new_record.set()
+
+    async def wait_for(
+        self, *fragments: str, logger: str = "trio_bridge", count: int = 1
+    ) -> logging.LogRecord:
+        """The ``count``-th record from ``logger`` (or a child) whose message has every fragment."""
+        while True:
+            found = [
+                record
+                for record in self.caplog.records
+                if (record.name == logger or record.name.startswith(logger + "."))
+                and all(f in record.getMessage() for f in fragments)
+            ]
+            if len(found) >= count:
+                return found[count - 1]
+            self._new_record = trio.Event()
+            await self._new_record.wait()
+
+
+@pytest.fixture
+def bridge_log(caplog: pytest.LogCaptureFixture) -> Iterator[LogWaiter]:
+    caplog.set_level(logging.INFO, logger="trio_bridge")
+    waiter = LogWaiter(caplog)
+    logger = logging.getLogger("trio_bridge")
+    logger.addHandler(waiter)
+    yield waiter
+    logger.removeHandler(waiter)

@@ -1,0 +1,219 @@
+"""``trio-bridge`` as a subprocess: start, relay, signals, exit statuses, Unix sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from websockets.exceptions import ConnectionClosed
+from websockets.trio.client import connect, unix_connect
+
+from .conftest import TcpTarget, check_echo, echo, free_port
+
+EXECUTABLE = Path(sys.executable).parent / "trio-bridge"
+
+
+class BridgeProcess:
+    """A running ``trio-bridge`` whose stderr is read line by line."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._partial = b""
+
+    async def _read_more(self) -> bool:
+        assert self.process.stderr is not None
+        chunk = await self.process.stderr.receive_some()
+        if not chunk:
+            return False
+        *complete, self._partial = (self._partial + chunk).split(b"\n")
+        self.lines += [line.decode() for line in complete]
+        return True
+
+    async def wait_for_line(self, pattern: str) -> re.Match[str]:
+        """The first stderr line matching ``pattern``; fails if the process exits first."""
+        seen = 0
+        while True:
+            for line in self.lines[seen:]:
+                match = re.search(pattern, line)
+                if match:
+                    return match
+            seen = len(self.lines)
+            if not await self._read_more():
+                raise AssertionError(f"trio-bridge exited before logging {pattern!r}: {self.lines}")
+
+    async def finish(self) -> tuple[int, list[str]]:
+        """Wait for the exit; the status and every stderr line."""
+        while await self._read_more():
+            pass
+        return await self.process.wait(), self.lines
+
+
+@asynccontextmanager
+async def cli(*args: str) -> AsyncIterator[BridgeProcess]:
+    process = await trio.lowlevel.open_process(
+        [str(EXECUTABLE), *args], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        yield BridgeProcess(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+        assert process.stderr is not None
+        await process.stderr.aclose()
+
+
+async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [str(EXECUTABLE), *args], capture_stdout=True, capture_stderr=True, check=False
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_starts_relays_and_exits_0_on_signal(
+    echo_target: TcpTarget, signum: signal.Signals
+) -> None:
+    port = free_port()
+    with trio.fail_after(20):
+        async with cli(str(port), str(echo_target.address)) as bridge:
+            await bridge.wait_for_line(rf"listening on 127\.0\.0\.1:{port}\b")
+            async with connect(f"ws://127.0.0.1:{port}/", subprotocols=["binary"]) as ws:
+                assert ws.subprotocol == "binary"
+                await check_echo(ws, b"through a real process")
+            await bridge.wait_for_line(r"session \w+ ended: .*close=1000")
+            bridge.process.send_signal(signum)
+            status, lines = await bridge.finish()
+    assert status == 0, lines
+    assert any(f"received {signum.name}" in line for line in lines)
+    assert not any("Traceback" in line for line in lines)
+
+
+async def test_sigterm_closes_open_sessions_1001_after_grace(echo_target: TcpTarget) -> None:
+    port = free_port()
+    with trio.fail_after(20):
+        async with cli("--shutdown-grace", "0.3", str(port), str(echo_target.address)) as bridge:
+            await bridge.wait_for_line("listening on")
+            async with connect(f"ws://127.0.0.1:{port}/", subprotocols=["binary"]) as ws:
+                await check_echo(ws, b"open")
+                bridge.process.send_signal(signal.SIGTERM)
+                with pytest.raises(ConnectionClosed) as info:
+                    await ws.recv()
+            status, lines = await bridge.finish()
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 1001
+    assert status == 0, lines
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["1", "2", "3"],
+        ["abc", "localhost:1"],
+        ["6080", "localhost"],  # target without a port
+        ["6080", "localhost:99999"],
+        ["6080", "::1:22"],  # IPv6 without brackets
+        ["--idle-timeout", "-1", "6080", "localhost:1"],
+        ["--max-message-size", "lots", "6080", "localhost:1"],
+        ["--no-such-option", "6080", "localhost:1"],
+        ["--unix-target", "/tmp/x.sock", "6080", "localhost:1"],
+        ["--unix-listen-mode", "600", "6080", "localhost:1"],
+    ],
+    ids=lambda args: " ".join(args) or "no-args",
+)
+async def test_bad_arguments_exit_2_with_one_line(args: list[str]) -> None:
+    with trio.fail_after(20):
+        result = await run_cli(*args)
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert stderr.endswith("\n") and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("trio-bridge: error: ")
+    assert result.stdout == b""
+
+
+async def test_port_in_use_exits_1_with_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with trio.fail_after(20):
+            result = await run_cli(str(port), "127.0.0.1:1")
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert stderr.count("\n") == 1, stderr
+    assert f"127.0.0.1:{port}" in stderr
+    assert "in use" in stderr
+
+
+async def test_help_exits_0_and_lists_unix_target() -> None:
+    with trio.fail_after(20):
+        result = await run_cli("--help")
+    assert result.returncode == 0
+    assert b"--unix-target" in result.stdout
+    assert b"--unix-listen" in result.stdout
+    assert result.stderr == b""
+
+
+async def serve_unix_echo(
+    path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await echo(stream)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, handler, [trio.SocketListener(sock)])
+        task_status.started()
+
+
+@pytest.mark.parametrize("unix", ["listen", "target", "both"])
+async def test_unix_sockets_end_to_end(
+    echo_target: TcpTarget, nursery: trio.Nursery, tmp_path: Path, unix: str
+) -> None:
+    listen_path = tmp_path / "ws.sock"
+    target_path = tmp_path / "target.sock"
+    port = free_port()
+    args: list[str] = []
+    if unix in ("listen", "both"):
+        args += ["--unix-listen", str(listen_path)]
+    else:
+        args += [str(port)]
+    if unix in ("target", "both"):
+        await nursery.start(serve_unix_echo, target_path)
+        args += ["--unix-target", str(target_path)]
+    else:
+        args += [str(echo_target.address)]
+    with trio.fail_after(20):
+        async with cli(*args) as bridge:
+            listening = await bridge.wait_for_line(r"listening on (\S+), relaying to (\S+)")
+            if unix == "target":
+                assert listening[2] == f"unix:{target_path}"
+            if unix == "listen":
+                assert listening[1] == f"unix:{listen_path}"
+                assert listen_path.is_socket()
+            client = (
+                unix_connect(str(listen_path), subprotocols=["binary"])
+                if unix in ("listen", "both")
+                else connect(f"ws://127.0.0.1:{port}/", subprotocols=["binary"])
+            )
+            async with client as ws:
+                for size in (1, 125, 70_000):
+                    await check_echo(ws, bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+            bridge.process.send_signal(signal.SIGTERM)
+            status, lines = await bridge.finish()
+    assert status == 0, lines
