@@ -70,10 +70,9 @@ class ClientChannel:
         if not self.eof_sent:
             self.eof_sent = True
             await self.transport.send_eof()
-        scratch = memoryview(bytearray(4096))
         with trio.move_on_after(timeout):
             try:
-                while await self.transport.recv_into(scratch):
+                while await self.transport.recv(4096):
                     pass
             except OSError:
                 pass

@@ -127,16 +127,15 @@ async def receive_request(channel: ClientChannel, timeout: float) -> Request | R
     (400/414/431); its response is flushed here and a :class:`Refusal` returned.
     """
     protocol = channel.protocol
-    buffer = memoryview(bytearray(4096))
     with trio.move_on_after(timeout):
         while True:
             try:
-                n = await channel.transport.recv_into(buffer)
+                data = await channel.transport.recv(4096)
             except PEER_GONE:
-                n = 0
-            if n == 0:
+                data = b""
+            if not data:
                 return Refusal(None, "client closed the connection during the handshake")
-            protocol.receive_data(bytes(buffer[:n]))
+            protocol.receive_data(data)
             events = protocol.events_received()
             if events:
                 request = events[0]

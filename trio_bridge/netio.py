@@ -42,17 +42,22 @@ class Fairness:
         self._left = self._every
 
 
-async def recv_into(sock: socket.socket, buffer: memoryview, fairness: Fairness) -> int:
-    """Receive into ``buffer``; 0 means EOF. Raises the ``PEER_GONE`` errors on reset."""
+async def recv(sock: socket.socket, max_bytes: int, fairness: Fairness) -> bytes:
+    """Receive up to ``max_bytes``; b"" means EOF. Raises the ``PEER_GONE`` errors on reset.
+
+    Returning a fresh ``bytes`` rather than filling a session-owned buffer means an idle
+    session holds no buffer at all (thousands of idle sessions are the common case), and
+    websockets takes the bytes without another copy.
+    """
     while True:
         try:
-            n = sock.recv_into(buffer)
+            data = sock.recv(max_bytes)
         except BlockingIOError:
             await trio.lowlevel.wait_readable(sock)
             fairness.waited()
             continue
         await fairness.tick()
-        return n
+        return data
 
 
 Bytes = bytes | bytearray | memoryview

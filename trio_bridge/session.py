@@ -12,9 +12,10 @@ Close semantics (each ends with one log line, see :meth:`Session.summary`):
 After the bridge sends a close frame it waits at most ``close_timeout`` for the client's
 answer, then closes the TCP connection anyway.
 
-Memory per session is bounded: each direction holds one receive buffer, and a read
-from one side only happens after the previous chunk has been written to the other
-side, so a slow reader slows down the writer (backpressure both ways).
+Memory per session is bounded: each direction holds at most one chunk read from one
+side (``RECV_SIZE``, or one message of ``max_message_size`` inside websockets' parser)
+and reads again only after it has been written to the other side, so a slow reader
+slows down the writer (backpressure both ways). An idle session holds no buffer.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from .zerocopy import SpliceDownstream
 
 log = logging.getLogger("trio_bridge.session")
 
-RECV_SIZE = 64 * 1024
+RECV_SIZE = 256 * 1024
 TRAFFIC_INTERVAL = 10.0
 
 NORMAL, GOING_AWAY, ABNORMAL, INTERNAL_ERROR, INVALID_DATA = 1000, 1001, 1006, 1011, 1007
@@ -150,22 +151,20 @@ class Session:
         client = self.channel.transport
         stats = self.stats
         observer = self.observer
-        buffer = bytearray(RECV_SIZE)
-        view = memoryview(buffer)
         text_decoder: codecs.IncrementalDecoder | None = None
         invalid_text = False
         try:
             while True:
                 try:
-                    n = await client.recv_into(view)
+                    data = await client.recv(RECV_SIZE)
                 except PEER_GONE:
-                    n = 0
-                if n == 0:
+                    data = b""
+                if not data:
                     protocol.receive_eof()
                     self._record_end(ABNORMAL, "client vanished without a close frame", "client")
                     self._abort()
                     return
-                protocol.receive_data(buffer[:n])
+                protocol.receive_data(data)
                 # After the handshake, websockets only emits frames.
                 for frame in cast(list[Frame], protocol.events_received()):
                     if observer is not None:
@@ -184,10 +183,10 @@ class Session:
                                 break
                             if frame.fin:
                                 text_decoder = None
-                        data = frame.data
-                        if data:
-                            await self._send_to_target(data)
-                            stats.bytes_up += len(data)
+                        payload = frame.data
+                        if payload:
+                            await self._send_to_target(payload)
+                            stats.bytes_up += len(payload)
                     elif opcode is Opcode.PONG:
                         self._pong.set()
                     elif opcode is Opcode.PING and observer is not None:
@@ -239,28 +238,26 @@ class Session:
         protocol = self.protocol
         stats = self.stats
         observer = self.observer
-        buffer = bytearray(RECV_SIZE)
-        view = memoryview(buffer)
         while True:
-            n = await self.read_target(view)
-            if n == 0 or protocol.state is not OPEN:
+            data = await self.read_target()
+            if not data or protocol.state is not OPEN:
                 return
             if observer is not None:
-                observer.on_frame(Direction.DOWN, Frame(Opcode.BINARY, bytes(view[:n])))
-            protocol.send_binary(view[:n])
-            stats.bytes_down += n
+                observer.on_frame(Direction.DOWN, Frame(Opcode.BINARY, data))
+            protocol.send_binary(data)
+            stats.bytes_down += len(data)
             await self.channel.flush()
 
-    async def read_target(self, view: memoryview) -> int:
-        """Read from the target; on EOF or failure, ask for the matching close and return 0."""
+    async def read_target(self) -> bytes:
+        """Read from the target; on EOF or failure, ask for the matching close and return b""."""
         try:
-            n = await self.target.recv_into(view)
+            data = await self.target.recv(RECV_SIZE)
         except PEER_GONE:
             self.request_close(INTERNAL_ERROR, f"target {self.stats.target} reset the connection")
-            return 0
-        if n == 0:
+            return b""
+        if not data:
             self.request_close(NORMAL, "target closed the connection")
-        return n
+        return data
 
     # -- closing ---------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Byte streams at either end of a session: a plain socket, or a Trio stream (TLS).
 
-The relay only needs "read some bytes into this buffer", "write all of these" and
+The relay only needs "read some bytes", "write all of these" and
 "close". :class:`SocketTransport` does that with direct non-blocking system calls (see
 :mod:`trio_bridge.netio`) and exposes the socket so the zero-copy path can splice it;
 :class:`StreamTransport` adapts any :class:`trio.abc.Stream`, such as a
@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 
 import trio
 
-from .netio import Bytes, Fairness, close_socket, recv_into, send_all
+from .netio import Bytes, Fairness, close_socket, recv, send_all
 
 
 class Transport(ABC):
@@ -26,8 +26,8 @@ class Transport(ABC):
     raw: socket.socket | None = None
 
     @abstractmethod
-    async def recv_into(self, view: memoryview) -> int:
-        """Read into ``view``; 0 means end of stream."""
+    async def recv(self, max_bytes: int) -> bytes:
+        """Read up to ``max_bytes``; b"" means end of stream."""
 
     @abstractmethod
     async def send_all(self, data: Bytes, *, more: bool = False) -> None:
@@ -49,8 +49,8 @@ class SocketTransport(Transport):
         self._sock = sock
         self._fairness = Fairness()
 
-    async def recv_into(self, view: memoryview) -> int:
-        return await recv_into(self._sock, view, self._fairness)
+    async def recv(self, max_bytes: int) -> bytes:
+        return await recv(self._sock, max_bytes, self._fairness)
 
     async def send_all(self, data: Bytes, *, more: bool = False) -> None:
         await send_all(self._sock, data, socket.MSG_MORE if more else 0)
@@ -67,16 +67,13 @@ class StreamTransport(Transport):
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
 
-    async def recv_into(self, view: memoryview) -> int:
+    async def recv(self, max_bytes: int) -> bytes:
         try:
-            data = await self.stream.receive_some(len(view))
+            return bytes(await self.stream.receive_some(max_bytes))
         except trio.BrokenResourceError as exc:
             raise ConnectionResetError(str(exc.__cause__ or exc)) from exc
         except trio.ClosedResourceError:
-            return 0
-        n = len(data)
-        view[:n] = data
-        return n
+            return b""
 
     async def send_all(self, data: Bytes, *, more: bool = False) -> None:
         try:
