@@ -32,7 +32,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN
 
 from .channel import ClientChannel, ClientGone
-from .config import Config
+from .config import Config, Limits
 from .netio import PEER_GONE, Bytes
 from .observe import Direction, SessionObserver
 from .transport import Transport
@@ -116,19 +116,11 @@ class Session:
     async def run(self) -> None:
         limits = self.config.limits
         try:
-            async with trio.open_nursery() as nursery:
-                self._scope = nursery.cancel_scope
-                nursery.start_soon(self._client_to_target)
-                nursery.start_soon(self._target_to_client)
-                nursery.start_soon(self._closer)
-                if limits.heartbeat is not None:
-                    nursery.start_soon(self._keepalive, limits.heartbeat)
-                if limits.idle_timeout is not None:
-                    nursery.start_soon(self._idle_watch, limits.idle_timeout)
-                if limits.session_timeout is not None:
-                    nursery.start_soon(self._session_limit, limits.session_timeout)
-                if self.config.traffic:
-                    nursery.start_soon(self._traffic_report)
+            await self._relay(limits)
+        except Exception:
+            # A bug must cost this session only, never the bridge and its other sessions.
+            log.exception("session %s: internal error", self.stats.session_id)
+            self._record_end(INTERNAL_ERROR, "internal error in the bridge", "bridge")
         finally:
             await self.target.aclose()
             await self.channel.transport.aclose()
@@ -137,6 +129,21 @@ class Session:
             if self.observer is not None:
                 stats = self.stats
                 self.observer.on_end(stats.close_code, stats.close_reason, stats.closed_by)
+
+    async def _relay(self, limits: Limits) -> None:
+        async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
+            nursery.start_soon(self._client_to_target)
+            nursery.start_soon(self._target_to_client)
+            nursery.start_soon(self._closer)
+            if limits.heartbeat is not None:
+                nursery.start_soon(self._keepalive, limits.heartbeat)
+            if limits.idle_timeout is not None:
+                nursery.start_soon(self._idle_watch, limits.idle_timeout)
+            if limits.session_timeout is not None:
+                nursery.start_soon(self._session_limit, limits.session_timeout)
+            if self.config.traffic:
+                nursery.start_soon(self._traffic_report)
 
     def request_close(self, code: int, reason: str) -> None:
         """Start a server-side closing handshake; the first request wins."""
@@ -235,18 +242,21 @@ class Session:
 
     async def _target_to_client_framed(self) -> None:
         """The portable path: every chunk goes through websockets' frame serialiser."""
+        while await self.relay_framed_chunk():
+            pass
+
+    async def relay_framed_chunk(self) -> bool:
+        """Relay one chunk from the target as one binary message; False when done."""
+        data = await self.read_target()
         protocol = self.protocol
-        stats = self.stats
-        observer = self.observer
-        while True:
-            data = await self.read_target()
-            if not data or protocol.state is not OPEN:
-                return
-            if observer is not None:
-                observer.on_frame(Direction.DOWN, Frame(Opcode.BINARY, data))
-            protocol.send_binary(data)
-            stats.bytes_down += len(data)
-            await self.channel.flush()
+        if not data or protocol.state is not OPEN:
+            return False
+        if self.observer is not None:
+            self.observer.on_frame(Direction.DOWN, Frame(Opcode.BINARY, data))
+        protocol.send_binary(data)
+        self.stats.bytes_down += len(data)
+        await self.channel.flush()
+        return True
 
     async def read_target(self) -> bytes:
         """Read from the target; on EOF or failure, ask for the matching close and return b""."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import struct
 from typing import TYPE_CHECKING
@@ -24,6 +25,8 @@ from websockets.protocol import OPEN
 
 from .channel import ClientGone
 from .netio import PEER_GONE, Fairness
+
+log = logging.getLogger("trio_bridge.zerocopy")
 
 if TYPE_CHECKING:
     from .session import Session
@@ -101,45 +104,50 @@ class SpliceDownstream:
 
     async def run(self) -> None:
         session = self.session
-        fairness = Fairness()
-        while True:
-            pipe = PIPES.take()
-            clean = False
-            try:
-                n = await self._fill(pipe, fairness)
-                if n == 0:
-                    clean = True
-                    return
-                if not await self._drain(pipe, n):
-                    return
-                session.stats.bytes_down += n
-                clean = True
-            finally:
-                if clean:
-                    PIPES.give_back(pipe)
-                else:
-                    PIPES.discard(pipe)
-
-    async def _fill(self, pipe: tuple[int, int], fairness: Fairness) -> int:
-        """Move up to CHUNK bytes from the target into the pipe; 0 on EOF or failure."""
-        session = self.session
         target = session.target.raw
         assert target is not None
-        while True:
-            try:
-                n = os.splice(target.fileno(), pipe[1], CHUNK, flags=SPLICE_FLAGS)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(target)
-                fairness.waited()
-                continue
-            except PEER_GONE:
-                session.request_close(1011, f"target {session.stats.target} reset the connection")
-                return 0
-            if n == 0:
-                session.request_close(1000, "target closed the connection")
-            else:
+        fairness = Fairness()
+        pipe: tuple[int, int] | None = None
+        holds_data = False
+        try:
+            while True:
+                if pipe is None:
+                    # An idle session waits without a pipe: each costs two descriptors.
+                    await trio.lowlevel.wait_readable(target)
+                    fairness.waited()
+                    try:
+                        pipe = PIPES.take()
+                    except OSError as exc:
+                        log.warning("no pipe for splice (%s); relaying a chunk framed", exc)
+                        if not await session.relay_framed_chunk():
+                            return
+                        continue
+                try:
+                    n = os.splice(target.fileno(), pipe[1], CHUNK, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    PIPES.give_back(pipe)
+                    pipe = None
+                    continue
+                except PEER_GONE:
+                    session.request_close(
+                        1011, f"target {session.stats.target} reset the connection"
+                    )
+                    return
+                if n == 0:
+                    session.request_close(1000, "target closed the connection")
+                    return
+                holds_data = True
+                if not await self._drain(pipe, n):
+                    return
+                holds_data = False
+                session.stats.bytes_down += n
                 await fairness.tick()
-            return n
+        finally:
+            if pipe is not None:
+                if holds_data:
+                    PIPES.discard(pipe)
+                else:
+                    PIPES.give_back(pipe)
 
     async def _drain(self, pipe: tuple[int, int], n: int) -> bool:
         """Write one frame: header from Python, payload from the pipe, under the write lock.
