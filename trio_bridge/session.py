@@ -245,18 +245,18 @@ class Session:
         while await self.relay_framed_chunk():
             pass
 
-    async def relay_framed_chunk(self) -> bool:
-        """Relay one chunk from the target as one binary message; False when done."""
+    async def relay_framed_chunk(self) -> int:
+        """Relay one chunk from the target as one binary message; its size, 0 when done."""
         data = await self.read_target()
         protocol = self.protocol
         if not data or protocol.state is not OPEN:
-            return False
+            return 0
         if self.observer is not None:
             self.observer.on_frame(Direction.DOWN, Frame(Opcode.BINARY, data))
         protocol.send_binary(data)
         self.stats.bytes_down += len(data)
         await self.channel.flush()
-        return True
+        return len(data)
 
     async def read_target(self) -> bytes:
         """Read from the target; on EOF or failure, ask for the matching close and return b""."""

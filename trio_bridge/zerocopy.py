@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 CHUNK = 1024 * 1024
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 OPCODE_BINARY_FIN = 0x82
+SPLICE_AFTER = 64 * 1024  # a framed read at least this large switches to splicing
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
@@ -109,18 +110,26 @@ class SpliceDownstream:
         fairness = Fairness()
         pipe: tuple[int, int] | None = None
         holds_data = False
+        warned = False
         try:
             while True:
                 if pipe is None:
-                    # An idle session waits without a pipe: each costs two descriptors.
-                    await trio.lowlevel.wait_readable(target)
-                    fairness.waited()
+                    # After a wait, the first chunk goes the ordinary way: interactive
+                    # traffic (keystrokes, small screen updates) costs fewer system calls
+                    # without a pipe, and an idle session holds none (two descriptors
+                    # each). Only a full read, the sign of a bulk stream, switches to
+                    # splicing until the target has nothing more to give.
+                    n = await session.relay_framed_chunk()
+                    if n == 0:
+                        return
+                    if n < SPLICE_AFTER:
+                        continue
                     try:
                         pipe = PIPES.take()
                     except OSError as exc:
-                        log.warning("no pipe for splice (%s); relaying a chunk framed", exc)
-                        if not await session.relay_framed_chunk():
-                            return
+                        if not warned:
+                            warned = True
+                            log.warning("no pipe for splice (%s): relaying framed", exc)
                         continue
                 try:
                     n = os.splice(target.fileno(), pipe[1], CHUNK, flags=SPLICE_FLAGS)
