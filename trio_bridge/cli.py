@@ -13,12 +13,17 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
-from typing import NoReturn
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, NoReturn
 
 import trio
 
 from . import __version__
+from .activation import InheritedSockets, Role, inherited_sockets
+from .addons import Addons, WrappedProgramExited
 from .config import (
     DEFAULT_LISTEN_HOST,
     Address,
@@ -29,7 +34,10 @@ from .config import (
     UnixAddress,
     parse_host_port,
 )
-from .server import Bridge
+from .recording import default_folder, recorder_for, running_recorder
+from .server import GOING_AWAY, Bridge
+from .systemd import LOG_DESTINATIONS, ServiceLink, log_handler, service_link
+from .wrap import WrapMode, split_command, wrap_config
 
 log = logging.getLogger("trio_bridge")
 
@@ -95,6 +103,13 @@ def build_parser() -> OneLineParser:
         "--traffic", action="store_true", help="log byte counts of every session every 10 s"
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log",
+        choices=LOG_DESTINATIONS,
+        default="auto",
+        help="where log lines go; auto: the journal when stderr is connected to it "
+        "(under systemd), else stderr (default: auto)",
+    )
     where = parser.add_argument_group("sockets")
     where.add_argument("--unix-target", metavar="PATH", help="relay to a Unix socket")
     where.add_argument("--unix-listen", metavar="PATH", help="listen on a Unix socket")
@@ -154,30 +169,288 @@ def build_parser() -> OneLineParser:
         metavar="N",
         help=f"answer 503 beyond N open connections (default: {defaults.max_connections})",
     )
+    add_web_wrap_metrics_arguments(parser)
+    parser.add_argument(
+        "--record",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="record every session to its own file in DIR (default: $STATE_DIRECTORY under "
+        "systemd, else ./recordings); see docs/recording-format.md",
+    )
+    _add_security_arguments(parser, defaults)
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def record_folder(args: argparse.Namespace) -> Path | None:
+    """``--record``'s folder; ``--record 6080 host:port`` means the default folder, since
+    argparse hands the source address to an option whose value is optional."""
+    value: str | None = args.record
+    if not value:
+        return None if value is None else default_folder()
+    try:
+        parse_host_port(value, "--record", default_host=DEFAULT_LISTEN_HOST)
+    except ConfigError:
+        return Path(value)
+    if Path(value).is_dir():
+        return Path(value)
+    args.endpoints.insert(0, value)
+    return default_folder()
+
+
+def add_web_wrap_metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    """docs/web.md, docs/wrap-mode.md, docs/metrics.md."""
+    web = parser.add_argument_group("files and health (plain HTTP on the same port)")
+    web.add_argument("--web", metavar="DIR", help="serve the files in DIR (e.g. /usr/share/novnc)")
+    web.add_argument(
+        "--web-listing", action="store_true", help="list folders that have no index.html"
+    )
+    web.add_argument(
+        "--web-auth", action="store_true", help="apply the auth plugin to file requests too"
+    )
+    web.add_argument(
+        "--file-only", action="store_true", help="serve files only: no target, no relay"
+    )
+    web.add_argument(
+        "--health-path",
+        default="/healthz",
+        metavar="PATH",
+        help="health endpoint for load balancers (default: /healthz; '' turns it off)",
+    )
+    wrap = parser.add_argument_group(
+        "wrap mode: trio-bridge [options] SOURCE [TARGET] -- PROGRAM ARGS"
+    )
+    wrap.add_argument(
+        "--wrap-mode",
+        choices=[mode.value for mode in WrapMode],
+        help="when the program exits: ignore it, exit too, or respawn it (default: exit)",
+    )
+    wrap.add_argument(
+        "--wrap-stdio",
+        action="store_true",
+        help="relay to the program's stdin/stdout instead of a port it listens on",
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default host 127.0.0.1)",
+    )
+    parser.set_defaults(wrap_command=[])
+
+
+def _add_security_arguments(parser: argparse.ArgumentParser, defaults: Limits) -> None:
+    """TLS, token routing, authentication, per-address limits (docs/security.md)."""
+    tls = parser.add_argument_group("TLS (wss:// and ws:// on the same port)")
+    tls.add_argument("--cert", metavar="FILE", help="PEM certificate chain: turns on wss://")
+    tls.add_argument("--key", metavar="FILE", help="PEM private key, if not in --cert")
+    tls.add_argument("--ssl-only", action="store_true", help="refuse plain ws:// with HTTP 400")
+    tls.add_argument(
+        "--ssl-minimum-version",
+        "--ssl-version",
+        choices=["1.2", "1.3", "tlsv1_2", "tlsv1_3", "default"],
+        default="1.2",
+        help="lowest TLS version accepted (default: 1.2)",
+    )
+    tls.add_argument("--ssl-ciphers", metavar="LIST", help="OpenSSL cipher list for TLS 1.2")
+    tls.add_argument(
+        "--verify-client", action="store_true", help="require a client certificate (see --cafile)"
+    )
+    tls.add_argument("--cafile", metavar="FILE", help="CAs that client certificates must chain to")
+    tls.add_argument("--ssl-target", action="store_true", help="connect to targets over TLS")
+    tls.add_argument("--ssl-target-cafile", metavar="FILE", help="target CAs (default: system)")
+    tls.add_argument(
+        "--ssl-target-server-name", metavar="NAME", help="name the target certificate must carry"
+    )
+    tls.add_argument(
+        "--ssl-target-no-verify",
+        action="store_true",
+        help="accept any target certificate (self-signed; insecure)",
+    )
+    tokens = parser.add_argument_group("token routing (one bridge, many targets)")
+    tokens.add_argument(
+        "--token-plugin",
+        metavar="NAME",
+        help="TokenFile, ReadOnlyTokenFile, TokenFileName, TokenRedis, JWTTokenApi, "
+        "UnixDomainSocketDirectory, or module.Class (docs/plugins.md); replaces the target",
+    )
+    tokens.add_argument("--token-source", metavar="ARG", help="the plugin's file, directory, ...")
+    tokens.add_argument(
+        "--token-from",
+        choices=["query", "path", "host"],
+        help="read the token from ?token= (default), the last path segment, or Host",
+    )
+    tokens.add_argument("--host-token", action="store_true", help="same as --token-from host")
+    tokens.add_argument(
+        "--target-config", metavar="FILE", help="websockify's older spelling of TokenFile FILE"
+    )
+    tokens.add_argument(
+        "--allow-target",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="only these targets, e.g. 10.0.0.0/24:5900-5999, *.vnc.lan:5900, unix:/run/*",
+    )
+    auth = parser.add_argument_group("authentication")
+    auth.add_argument(
+        "--auth-plugin", metavar="NAME", help="BasicHTTPAuth, ExpectOrigin, ClientCertCNAuth"
+    )
+    auth.add_argument("--auth-source", metavar="ARG", help="the plugin's argument")
+    auth.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="accept browsers only from this origin (repeatable), e.g. https://vnc.example.com",
+    )
+    abuse = parser.add_argument_group("per-address limits (0 turns one off)")
+    abuse.add_argument(
+        "--max-connections-per-address",
+        type=int,
+        default=defaults.max_connections_per_address,
+        metavar="N",
+        help="answer 429 beyond N open connections from one address "
+        f"(default: {defaults.max_connections_per_address})",
+    )
+    abuse.add_argument(
+        "--connection-rate",
+        type=float,
+        default=defaults.connection_rate,
+        metavar="R",
+        help=f"new connections per second per address (default: {defaults.connection_rate:g})",
+    )
+    abuse.add_argument(
+        "--connection-burst",
+        type=int,
+        default=defaults.connection_burst,
+        metavar="N",
+        help=f"above the rate, in a burst (default: {defaults.connection_burst})",
+    )
+    abuse.add_argument(
+        "--limit-exempt",
+        action="append",
+        metavar="CIDR",
+        help="addresses not limited (repeatable; default: loopback, e.g. a reverse proxy; "
+        "'none' limits every address)",
+    )
+
+
+def _security_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The Config fields of :func:`_add_security_arguments`' options."""
+    from .auth import AuthSettings
+    from .tls import TargetTlsSettings, TlsSettings
+    from .tokens import TokenSettings
+
+    needs_cert = [
+        flag
+        for flag, value in (
+            ("--key", args.key),
+            ("--ssl-only", args.ssl_only),
+            ("--verify-client", args.verify_client),
+            ("--cafile", args.cafile),
+            ("--ssl-ciphers", args.ssl_ciphers),
+        )
+        if value
+    ]
+    if needs_cert and not args.cert:
+        raise ConfigError(f"{', '.join(needs_cert)}: only with --cert")
+    target_flags = (args.ssl_target_cafile, args.ssl_target_server_name, args.ssl_target_no_verify)
+    if any(target_flags) and not args.ssl_target:
+        raise ConfigError("--ssl-target-* options need --ssl-target")
+    for flag, value, plugin, needed in (
+        ("--token-source", args.token_source, args.token_plugin, "--token-plugin"),
+        ("--host-token", args.host_token, args.token_plugin, "--token-plugin"),
+        ("--token-from", args.token_from, args.token_plugin, "--token-plugin"),
+        ("--auth-source", args.auth_source, args.auth_plugin, "--auth-plugin"),
+    ):
+        if value and not plugin:
+            raise ConfigError(f"{flag} needs {needed}")
+    tls = None
+    if args.cert:
+        tls = TlsSettings(
+            cert=args.cert,
+            key=args.key,
+            ssl_only=args.ssl_only,
+            minimum_version=args.ssl_minimum_version,
+            ciphers=args.ssl_ciphers,
+            verify_client=args.verify_client,
+            cafile=args.cafile,
+        )
+    target_tls = None
+    if args.ssl_target:
+        target_tls = TargetTlsSettings(
+            cafile=args.ssl_target_cafile,
+            server_name=args.ssl_target_server_name,
+            verify=not args.ssl_target_no_verify,
+        )
+    tokens = None
+    if args.token_plugin:
+        token_from = "host" if args.host_token else args.token_from or "query"
+        tokens = TokenSettings(args.token_plugin, args.token_source, token_from)
+    fields: dict[str, Any] = {
+        "tls": tls,
+        "target_tls": target_tls,
+        "tokens": tokens,
+        "allow_targets": tuple(args.allow_target),
+        "auth": (AuthSettings(args.auth_plugin, args.auth_source),) if args.auth_plugin else (),
+        "allow_origins": tuple(args.allow_origin),
+    }
+    if args.limit_exempt is not None:
+        fields["limit_exempt"] = tuple(cidr for cidr in args.limit_exempt if cidr != "none")
+    return fields
+
+
+def config_from_args(args: argparse.Namespace, *, sockets_inherited: bool = False) -> Config:
+    """``sockets_inherited``: systemd passed the listening sockets, so the listen address
+    may be left out (and is not used when given)."""
+    record = record_folder(args)
     endpoints: list[str] = list(args.endpoints)
+    if args.target_config and not args.token_plugin:
+        args.token_plugin, args.token_source = "TokenFile", args.target_config
+    by_token = args.token_plugin is not None  # the token names the target (docs/security.md)
+    if by_token and args.unix_target is not None:
+        raise ConfigError("--token-plugin routes each client by its token: drop --unix-target")
     wanted = 2 - (args.unix_target is not None) - (args.unix_listen is not None)
-    if len(endpoints) != wanted:
+    # --file-only has no target; a wrapped program may listen on a port the bridge picks.
+    command: list[str] = args.wrap_command
+    if not command and (args.wrap_mode or args.wrap_stdio):
+        raise ConfigError("--wrap-mode and --wrap-stdio need a program: ... -- PROGRAM ARGS")
+    untargeted = by_token or args.file_only or bool(command and len(endpoints) == wanted - 1)
+    wanted -= untargeted
+    no_listen = sockets_inherited and args.unix_listen is None and len(endpoints) == wanted - 1
+    if len(endpoints) != wanted and not no_listen:
         shapes = {
             2: "[source_host:]source_port target_host:target_port",
             1: "one address: "
-            + ("[source_host:]source_port" if args.unix_target else "target_host:target_port"),
+            + (
+                "[source_host:]source_port"
+                if args.unix_target or untargeted
+                else "target_host:target_port"
+            ),
             0: "no positional address with both --unix-listen and --unix-target",
         }
         raise ConfigError(f"expected {shapes[wanted]}, got {len(endpoints)} argument(s)")
     listen: Address
     if args.unix_listen is not None:
         listen = UnixAddress(args.unix_listen)
+    elif no_listen:
+        listen = Config.listen
     else:
         listen = parse_host_port(endpoints.pop(0), "source", default_host=DEFAULT_LISTEN_HOST)
-    target: Address
+    target: Address | None = None
     if args.unix_target is not None:
         target = UnixAddress(args.unix_target)
-    else:
+    elif not untargeted:
         target = parse_host_port(endpoints.pop(0), "target")
+    wrap = None
+    if command:
+        if isinstance(target, UnixAddress):
+            raise ConfigError("wrap mode: the program is reached over TCP or --wrap-stdio")
+        mode = args.wrap_mode or "exit"
+        wrap = wrap_config(command, mode=mode, stdio=args.wrap_stdio, target=target)
+        target = None
+    metrics = None
+    if args.metrics is not None:
+        metrics = parse_host_port(args.metrics, "--metrics", default_host=DEFAULT_LISTEN_HOST)
     limits = Limits(
         handshake_timeout=args.handshake_timeout,
         connect_timeout=args.connect_timeout,
@@ -188,6 +461,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_message_size=args.max_message_size,
         max_connections=args.max_connections,
         shutdown_grace=args.shutdown_grace,
+        max_connections_per_address=args.max_connections_per_address or None,
+        connection_rate=args.connection_rate or None,
+        connection_burst=args.connection_burst,
     )
     return Config(
         target=target,
@@ -197,25 +473,106 @@ def config_from_args(args: argparse.Namespace) -> Config:
         compression=args.compression,
         traffic=args.traffic,
         zero_copy=args.zero_copy,
+        web=Path(args.web) if args.web is not None else None,
+        web_listing=args.web_listing,
+        web_auth=args.web_auth,
+        file_only=args.file_only,
+        health_path=args.health_path or None,
+        wrap=wrap,
+        metrics_listen=metrics,
+        record=record,
+        **_security_fields(args),
     )
 
 
-async def run(config: Config) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and return."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            bridge: Bridge = await nursery.start(Bridge(config).serve)
+async def run(config: Config, inherited: InheritedSockets | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and return; SIGHUP reloads.
+
+    With ``inherited`` sockets (systemd, inetd) nothing is bound: the bridge serves
+    those listeners, or the one inherited connection and then returns. systemd is
+    kept informed (READY, STATUS, STOPPING, WATCHDOG) by :mod:`trio_bridge.systemd`.
+    """
+    addons = Addons(
+        config,
+        metrics_listeners=inherited.listening(Role.METRICS) if inherited is not None else (),
+    )
+    bridge = addons.bridge()
+    recorder = recorder_for(config)
+    if recorder is not None:
+        bridge.observers = recorder  # the recorder watches the sessions of Addons' bridge
+    if inherited is not None:
+        log.info("serving %s; no address is bound", inherited)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with service_link(bridge, bridge.reload_hooks()) as link, running_recorder(recorder):
+            if inherited is not None and inherited.connection is not None:
+                await _serve_one(bridge, inherited.connection, link, signals)
+                return
+            async with trio.open_nursery() as nursery:
+                listeners = inherited.listening() if inherited is not None else None
+                start = (addons.serve, bridge, listeners)
+                if not await _start_unless_stopped(signals, nursery, *start):
+                    return
+                link.ready()
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        await link.reload()
+                        continue
+                    log.info("received %s", signal.Signals(signum).name)
+                    link.stopping()
+                    bridge.request_shutdown()
+                    break
+
+
+async def _start_unless_stopped(
+    signals: AsyncIterator[int], nursery: trio.Nursery, *start: Any
+) -> bool:
+    """``nursery.start(*start)``, given up (False) on SIGTERM/SIGINT: starting waits up to
+    30 s for a wrapped program to listen, and a stop request must not wait that long."""
+    stopped = False
+    async with trio.open_nursery() as race:
+
+        async def watch() -> None:
+            nonlocal stopped
             async for signum in signals:
-                log.info("received %s", signal.Signals(signum).name)
-                bridge.request_shutdown()
-                break
+                if signum != signal.SIGHUP:  # nothing to reload yet
+                    log.info("received %s while starting", signal.Signals(signum).name)
+                    stopped = True
+                    race.cancel_scope.cancel()
+
+        race.start_soon(watch)
+        await nursery.start(*start)
+        race.cancel_scope.cancel()
+    return not stopped
 
 
-def setup_logging(verbose: bool) -> None:
+async def _serve_one(
+    bridge: Bridge, sock: socket.socket, link: ServiceLink, signals: AsyncIterator[int]
+) -> None:
+    """Accept=yes / inetd: relay the one connection; SIGTERM closes it with 1001."""
+    async with trio.open_nursery() as nursery:
+
+        async def close_on_signal() -> None:
+            async for signum in signals:
+                if signum != signal.SIGHUP:
+                    break
+            link.stopping()
+            for session in list(bridge.sessions):
+                session.request_close(GOING_AWAY, "server shutting down")
+            await trio.sleep(bridge.config.limits.close_timeout + 1)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(close_on_signal)
+        link.ready()
+        await bridge.serve_connection(sock)
+        nursery.cancel_scope.cancel()
+
+
+def setup_logging(verbose: bool, destination: str = "auto") -> None:
+    """``destination`` is ``--log``: the journal (with structured fields) or stderr."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[log_handler(destination)],
     )
     # websockets logs every handshake at INFO; the bridge logs its own summary.
     logging.getLogger("trio_bridge.websocket").setLevel(logging.WARNING)
@@ -230,21 +587,32 @@ def _leaves(group: BaseExceptionGroup[StartupError]) -> list[StartupError]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv, command = split_command(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.wrap_command = command
     try:
-        config = config_from_args(args)
+        # First: LISTEN_FDS is read (and unset) once, and decides whether to bind.
+        inherited = inherited_sockets(serve_roles=(Role.WS, Role.METRICS))
+        setup_logging(args.verbose, args.log)
+    except StartupError as exc:
+        print(f"trio-bridge: {exc}", file=sys.stderr)
+        return 1
+    try:
+        config = config_from_args(args, sockets_inherited=inherited is not None)
     except ConfigError as exc:
         parser.error(str(exc))
-    setup_logging(args.verbose)
     failures: list[StartupError] = []
+    status = 0
     try:
-        trio.run(run, config)
+        trio.run(run, config, inherited)
+    except* WrappedProgramExited as group:
+        status = WrappedProgramExited.status_of(group)
     except* StartupError as group:
         # Errors before "serving" arrive wrapped in the nursery's ExceptionGroup.
         failures = _leaves(group)
     for failure in failures:
         print(f"trio-bridge: {failure}", file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if failures else status
 
 
 if __name__ == "__main__":

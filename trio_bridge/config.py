@@ -9,6 +9,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .auth import AuthSettings
+    from .tls import TargetTlsSettings, TlsSettings
+    from .tokens import TokenSettings
+    from .wrap import WrapConfig
 
 
 class ConfigError(ValueError):
@@ -94,6 +101,10 @@ class Limits:
     max_message_size: int = 1 << 20
     max_connections: int = 1024
     shutdown_grace: float = 10.0
+    # Per client address (IPv4, or IPv6 /64), outside Config.limit_exempt: docs/security.md.
+    max_connections_per_address: int | None = 64
+    connection_rate: float | None = 20.0  # new connections per second
+    connection_burst: int = 60
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -111,13 +122,32 @@ class Config:
     by an embedding program); ``target`` is the only place clients are relayed to.
     """
 
-    target: Address
+    target: Address | None  # None: a resolver decides (--file-only, wrap mode, ...)
     listen: Address = TcpAddress(DEFAULT_LISTEN_HOST, 6080)
     unix_listen_mode: int | None = None
     limits: Limits = Limits()
     compression: bool = False
     traffic: bool = False
     zero_copy: bool = True
+    # Plain HTTP on the WebSocket port (docs/web.md), wrap mode, metrics (docs/metrics.md).
+    web: Path | None = None
+    web_listing: bool = False
+    web_auth: bool = False
+    file_only: bool = False
+    health_path: str | None = "/healthz"
+    wrap: WrapConfig | None = None
+    metrics_listen: TcpAddress | None = None
+    # TLS, token routing, authentication, per-address limits (docs/security.md).
+    tls: TlsSettings | None = None
+    target_tls: TargetTlsSettings | None = None
+    tokens: TokenSettings | None = None
+    allow_targets: tuple[str, ...] = ()
+    auth: tuple[AuthSettings, ...] = ()
+    allow_origins: tuple[str, ...] = ()
+    limit_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # --record: one file per session in this folder (docs/recording-format.md). The CLI
+    # runs the recorder; an embedding program passes observers=Recorder(...) to Bridge.
+    record: Path | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target, UnixAddress) and not self.target.path:
@@ -128,3 +158,32 @@ class Config:
                 raise ConfigError(f"--unix-listen: folder {parent} does not exist")
         if self.unix_listen_mode is not None and not isinstance(self.listen, UnixAddress):
             raise ConfigError("--unix-listen-mode needs --unix-listen")
+        _check_web_and_wrap(self)
+        _check_security_options(self)
+
+
+def _check_web_and_wrap(config: Config) -> None:
+    """--web, --file-only, --health-path and wrap mode (docs/web.md, docs/wrap-mode.md)."""
+    if config.web is not None and not Path(config.web).is_dir():
+        raise ConfigError(f"--web: {config.web} is not a folder")
+    if config.web is None and (config.web_listing or config.web_auth or config.file_only):
+        raise ConfigError("--web-listing, --web-auth and --file-only need --web DIR")
+    if config.file_only and (config.wrap is not None or config.target is not None):
+        raise ConfigError("--file-only relays nothing: give no target and no wrapped program")
+    if config.wrap is not None and config.target is not None:
+        raise ConfigError("wrap mode: the program's address goes in WrapConfig.target")
+    if config.wrap is not None and config.tokens is not None:
+        raise ConfigError("wrap mode relays to its one program: drop --token-plugin")
+    if config.health_path is not None and not config.health_path.startswith("/"):
+        raise ConfigError(f"--health-path: {config.health_path!r} must start with /")
+
+
+def _check_security_options(config: Config) -> None:
+    """Cross-field checks of docs/security.md (each settings object checks itself)."""
+    from .auth import check_auth  # here: those modules import this one
+    from .limits import parse_networks
+    from .tokens import check_routing
+
+    check_routing(config)
+    check_auth(config)
+    parse_networks(config.limit_exempt, "--limit-exempt")

@@ -4,15 +4,19 @@ The server asks two questions of every parsed request, through these interfaces:
 
 - :class:`HttpResponder` — is this plain HTTP (a file, a health check) that someone
   other than the relay answers? Only asked for requests that are not WebSocket upgrades.
+- :class:`RequestGate` — may this client make this WebSocket request at all (HTTP
+  Basic auth, Origin, client certificate)? Asked first, so a refused client causes no
+  target lookup.
 - :class:`TargetResolver` — which target may this WebSocket request reach? The answer
-  comes from operator configuration only (a fixed target, later token plugins); a
-  resolver refuses with :class:`HttpRefusal` instead of guessing. No open proxy.
+  comes from operator configuration only (a fixed target, token plugins); a resolver
+  refuses with :class:`HttpRefusal` instead of guessing. No open proxy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from websockets.http11 import Request, Response
 
@@ -41,11 +45,36 @@ class HttpResponder(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the bridge knows about a client besides its request, for :class:`RequestGate`.
+
+    ``certificate`` is :meth:`ssl.SSLSocket.getpeercert`'s dict of a client certificate
+    that passed verification against ``--cafile``; None without one.
+    """
+
+    peer: str
+    tls: bool = False
+    certificate: dict[str, Any] | None = None
+
+
+class RequestGate(Protocol):
+    """An admission check on a WebSocket request (authentication, Origin), asked before
+    the :class:`TargetResolver` so a refused client never causes a target lookup."""
+
+    async def check(self, request: Request, client: ClientInfo) -> None:
+        """Return to let the request through, or raise :class:`HttpRefusal`."""
+        ...
+
+
 class StaticTarget:
     """Every request goes to the one target on the command line."""
 
     def __init__(self, target: Address) -> None:
         self.target = target
+
+    def __str__(self) -> str:
+        return str(self.target)
 
     async def resolve(self, request: Request, client: str) -> Address:
         return self.target

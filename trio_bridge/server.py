@@ -20,14 +20,15 @@ import http
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 from websockets.http11 import Request, Response
 
 from . import listeners as listeners_mod
+from .auth import gates_for
 from .channel import ClientChannel, ClientGone
-from .config import Config
+from .config import Config, ConfigError
 from .handshake import (
     Refusal,
     decide_response,
@@ -36,18 +37,22 @@ from .handshake import (
     receive_request,
     refusal_reason,
 )
+from .limits import AddressLimiter
+from .metrics import BridgeMetrics, refusal_kind
 from .netio import Fairness, close_socket, peer_name
 from .observe import ObserverFactory, SessionInfo
 from .routing import (
     HttpRefusal,
     HttpResponder,
-    StaticTarget,
+    RequestGate,
     TargetResolver,
     is_websocket_upgrade,
 )
 from .session import INTERNAL_ERROR, Session, SessionStats, new_session_id
 from .targets import TargetUnavailable, connect
-from .transport import SocketTransport, Transport
+from .tls import ServerTls, TargetTls, TlsFailure, client_info, sniff_tls
+from .tokens import resolver_for
+from .transport import SocketTransport, StreamTransport, Transport
 
 log = logging.getLogger("trio_bridge.server")
 
@@ -67,9 +72,21 @@ class Bridge:
         resolver: TargetResolver | None = None,
         http: HttpResponder | None = None,
         observers: ObserverFactory | None = None,
+        metrics: BridgeMetrics | None = None,
+        gates: Sequence[RequestGate] | None = None,
     ) -> None:
         self.config = config
-        self.resolver = resolver or StaticTarget(config.target)
+        if resolver is None:
+            resolver = resolver_for(config)  # the fixed target, or token routing
+            if resolver is None:
+                raise ConfigError("no target: give Config.target, Config.tokens or a resolver")
+        self.resolver = resolver
+        # Security components (docs/security.md); gates run before the resolver.
+        self.gates = list(gates) if gates is not None else gates_for(config)
+        self.tls = ServerTls.for_config(config)
+        self.target_tls = TargetTls.for_config(config)
+        self.address_limits = AddressLimiter.for_config(config)
+        self.metrics = metrics or BridgeMetrics(process=False)
         self.http = http
         self.observers = observers
         self.sessions: set[Session] = set()
@@ -82,6 +99,26 @@ class Bridge:
     def request_shutdown(self) -> None:
         """Stop accepting; let sessions drain for ``shutdown_grace``, then close them with 1001."""
         self._shutdown_requested.set()
+
+    def reload_hooks(self) -> list[Callable[[], Awaitable[None]]]:
+        """SIGHUP hooks: re-read certificates, token files, keys and credentials.
+
+        One per component with a ``reload()``; each raises (keeping its old state) when
+        its files are unusable. Open sessions are untouched; new connections see the
+        new state.
+        """
+        components = [self.tls, self.target_tls, self.resolver, *self.gates]
+        hooks: list[Callable[[], Awaitable[None]]] = []
+        for component in components:
+            reload = getattr(component, "reload", None)
+            if callable(reload):
+
+                async def hook(reload: Callable[[], object] = reload) -> None:
+                    reload()
+
+                hook.__qualname__ = f"{type(component).__name__}.reload"
+                hooks.append(hook)
+        return hooks
 
     async def serve(
         self,
@@ -107,7 +144,7 @@ class Bridge:
                 log.info(
                     "listening on %s, relaying to %s",
                     ", ".join(self.listen_addresses),
-                    self.config.target,
+                    self.config.target or self.resolver,
                 )
                 task_status.started(self)
                 await self._shutdown_requested.wait()
@@ -180,35 +217,87 @@ class Bridge:
 
     async def _handle(self, sock: socket.socket) -> None:
         peer = peer_name(sock)
-        transport = self._client_transport(sock)
-        if self.connections >= self.config.limits.max_connections:
-            await self._refuse_overload(transport, peer)
+        admission = self.address_limits.admit(sock, peer)  # logs its own refusals
+        if isinstance(admission, HttpRefusal):
+            self.metrics.handshake_failed("address_limit")
+            await self._refuse(sock, peer, admission)
+            return
+        limit = self.config.limits.max_connections
+        if self.connections >= limit:
+            admission.release()
+            self.metrics.handshake_failed("connection_limit")
+            log.warning("client %s: refused with 503: connection limit (%d) reached", peer, limit)
+            reason = f"Too many connections: this bridge serves at most {limit}."
+            await self._refuse(sock, peer, HttpRefusal(503, reason))
             return
         if self.connections == 0:
             self._no_connections = trio.Event()
         self.connections += 1
         try:
-            await self._serve_connection(transport, peer)
-        except ClientGone as exc:
+            with admission:
+                transport = await self._client_transport(sock, peer)
+                if transport is not None:
+                    try:
+                        await self._serve_connection(transport, peer)
+                    finally:
+                        await transport.aclose()
+        except (ClientGone, TlsFailure) as exc:
+            self.metrics.handshake_failed("client_gone" if isinstance(exc, ClientGone) else "tls")
             log.info("client %s: connection failed during the handshake: %s", peer, exc)
         finally:
-            await transport.aclose()
+            close_socket(sock)
             self.connections -= 1
             if self.connections == 0:
                 self._no_connections.set()
 
-    def _client_transport(self, sock: socket.socket) -> Transport:
-        """How bytes are read from and written to an accepted client connection."""
-        return SocketTransport(sock)
+    async def _client_transport(self, sock: socket.socket, peer: str) -> Transport | None:
+        """How bytes are read from and written to an accepted client connection.
 
-    async def _refuse_overload(self, transport: Transport, peer: str) -> None:
-        limit = self.config.limits.max_connections
-        log.warning("client %s: refused with 503: connection limit (%d) reached", peer, limit)
-        response = plain_response(
-            http.HTTPStatus.SERVICE_UNAVAILABLE,
-            f"Too many connections: this bridge serves at most {limit}.\n",
-        )
-        channel = ClientChannel(transport, new_protocol(self.config), peer)
+        With ``--cert``, the first byte (peeked, within the handshake timeout) tells a
+        TLS client from a plain one; None means the connection was answered and closed
+        here (plain client on ``--ssl-only``, nothing sent in time). TLS handshake
+        failures raise :class:`TlsFailure`.
+        """
+        if self.tls is None:
+            return SocketTransport(sock)
+        timeout = self.config.limits.handshake_timeout
+        with trio.move_on_after(timeout):
+            speaks_tls = await sniff_tls(sock)
+            if speaks_tls:
+                return StreamTransport(await self.tls.handshake(sock))
+            if speaks_tls is None:
+                log.info("client %s: closed the connection before sending anything", peer)
+                return None
+            if not self.tls.ssl_only:
+                return SocketTransport(sock)
+            self.metrics.handshake_failed("plain_on_ssl_only")
+            log.warning("client %s: refused with 400: plain connection on --ssl-only", peer)
+            reason = "This port accepts only TLS: use wss:// (or https://)."
+            await self._refuse(sock, peer, HttpRefusal(400, reason), plain=True)
+            return None
+        self.metrics.handshake_failed("timeout")
+        log.info("client %s: handshake not completed within %g s", peer, timeout)
+        return None
+
+    async def _refuse(
+        self, sock: socket.socket, peer: str, refusal: HttpRefusal, *, plain: bool = False
+    ) -> None:
+        """Answer a connection refused before its request, in plain HTTP, and close it.
+
+        A TLS client cannot read plain HTTP, and a TLS handshake is exactly the work a
+        refusal must not cost, so with ``--cert`` it is closed without an answer. The
+        caller logs why.
+        """
+        if self.tls is not None and not plain:
+            with trio.move_on_after(1.0):
+                plain = await sniff_tls(sock) is False
+            if not plain:
+                close_socket(sock)
+                return
+        response = plain_response(http.HTTPStatus(refusal.status), f"{refusal.reason}\n")
+        for name, value in refusal.headers:
+            response.headers[name] = value
+        channel = ClientChannel(SocketTransport(sock), new_protocol(self.config), peer)
         with contextlib.suppress(ClientGone):
             await channel.send_raw(response.serialize())
         await channel.linger_and_close(1.0)
@@ -221,6 +310,7 @@ class Bridge:
 
         request = await receive_request(channel, limits.handshake_timeout)
         if isinstance(request, Refusal):
+            self.metrics.handshake_failed(refusal_kind(request))
             log.info("client %s: %s", peer, request.reason)
             await channel.linger_and_close(limits.close_timeout)
             return
@@ -234,19 +324,29 @@ class Bridge:
         response = decide_response(protocol, request)
         if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS:
             try:
+                client = client_info(transport, peer)
+                for gate in self.gates:
+                    await gate.check(request, client)
                 address = await self.resolver.resolve(request, peer)
             except HttpRefusal as refusal:
                 response = protocol.reject(refusal.status, f"{refusal.reason}\n")
                 for name, value in refusal.headers:
                     response.headers[name] = value
+            except Exception:
+                # A gate or resolver (possibly an operator's plugin) failed: this client
+                # gets a 500, every other connection carries on.
+                log.exception("client %s: checking the request failed", peer)
+                response = protocol.reject(500, "Internal error while checking the request\n")
         if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
+            self.metrics.handshake_failed(f"http_{response.status_code}")
             await self._answer_http(channel, request, response)
             return
 
         stats = SessionStats(new_session_id(), peer, str(address))
         try:
-            target = await connect(address, limits.connect_timeout)
+            target = await connect(address, limits.connect_timeout, tls=self.target_tls)
         except TargetUnavailable as exc:
+            self.metrics.handshake_failed("target_unavailable")
             # Accept first so that a browser can show the reason: it never sees HTTP errors.
             protocol.send_response(response)
             protocol.send_close(INTERNAL_ERROR, str(exc))
@@ -282,10 +382,12 @@ class Bridge:
             observer = self.observers.open(info)
         session = Session(channel, target, config, stats, observer)
         self.sessions.add(session)
+        self.metrics.session_opened(stats)
         try:
             await session.run()
         finally:
             self.sessions.discard(session)
+            self.metrics.session_closed(stats)
             log.info("%s", stats.summary(), extra=stats.journal_fields())
 
     async def _answer_http(

@@ -14,7 +14,8 @@ import socket
 import trio
 
 from .config import Address, TcpAddress, UnixAddress
-from .transport import SocketTransport
+from .tls import TargetTls, TlsFailure
+from .transport import SocketTransport, StreamTransport
 
 
 class TargetUnavailable(Exception):
@@ -46,12 +47,18 @@ def describe_failure(target: Address, exc: BaseException) -> str:
     return f"target {target} could not be reached ({detail})"
 
 
-async def connect(target: Address, timeout: float) -> SocketTransport:
+async def connect(
+    target: Address, timeout: float, *, tls: TargetTls | None = None
+) -> SocketTransport | StreamTransport:
     """Open a stream to ``target`` over a non-blocking stdlib socket.
 
     Trio's ``open_tcp_stream`` does name resolution and happy eyeballs (``localhost``
     may resolve to ``::1`` first while a VNC server listens on 127.0.0.1 only); the
     connected socket is then detached so the relay can drive it directly.
+
+    With ``tls`` (``--ssl-target``) the TLS handshake runs within the same ``timeout``
+    and the result is a :class:`StreamTransport` (no zero-copy: bytes pass through
+    Python to be encrypted anyway).
     """
     try:
         with trio.fail_after(timeout):
@@ -65,6 +72,11 @@ async def connect(target: Address, timeout: float) -> SocketTransport:
                 except BaseException:
                     trio_sock.close()
                     raise
+            if tls is not None:
+                try:
+                    return StreamTransport(await tls.wrap(trio.SocketStream(trio_sock), target))
+                except TlsFailure as exc:
+                    raise TargetUnavailable(f"target {target}: {exc}") from exc
     except trio.TooSlowError:
         raise TargetUnavailable(f"target {target} did not answer within {timeout:g} s") from None
     except OSError as exc:

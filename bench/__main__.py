@@ -1,0 +1,130 @@
+"""``python -m bench`` (or ``./dev bench``): run the comparison and print the table.
+
+Raw results go to bench/results/ as JSON (with the proxies' logs); ``--write-docs``
+also rewrites docs/performance.md from this run's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from bench.procstat import raise_fd_limit
+from bench.proxies import PROXIES, ROOT
+from bench.report import disturbance, machine, rows, text_table
+from bench.runner import Options, run
+
+RESULTS = ROOT / "bench" / "results"
+DOCS = ROOT / "docs" / "performance.md"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="trio-bridge against websockify 0.13, on loopback, with the same client.",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run to check the harness: 1 round of 1 s, 200 idle and 2000 "
+        "concurrent sessions (the figures are noisier and the 8,000 target is not checked)",
+    )
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds per bulk run (2)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; figures are medians (5)")
+    parser.add_argument("--round-trips", type=int, default=5000, help="per round (5000)")
+    parser.add_argument("--idle-sessions", type=int, default=1000, help="(1000)")
+    parser.add_argument(
+        "--concurrent-sessions", type=int, default=8000, help="trio-bridge only; 0 skips (8000)"
+    )
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="let the scheduler place the processes (default: the proxy gets the last "
+        "core to itself, client and target share the others)",
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="nice value for the proxy, client and target alike; on a shared machine "
+        "(as root) e.g. -10 keeps other programs from disturbing the measurements",
+    )
+    parser.add_argument("--only", choices=sorted(PROXIES), help="measure one proxy only")
+    parser.add_argument(
+        "--write-docs", action="store_true", help=f"rewrite {DOCS.relative_to(ROOT)} from this run"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.rounds, args.round_trips = 1.0, 1, 1000
+        args.idle_sessions, args.concurrent_sessions = 200, 2000
+    return args
+
+
+def git_commit() -> str:
+    """The trio-bridge revision measured, marked ``+changes`` when the tree is dirty."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "trio_bridge"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{head}+changes" if dirty else head or "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_fd_limit()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    options = Options(
+        duration=args.duration,
+        rounds=args.rounds,
+        round_trips=args.round_trips,
+        idle_sessions=args.idle_sessions,
+        concurrent_sessions=args.concurrent_sessions,
+        proxies=(args.only,) if args.only else tuple(PROXIES),
+        log_dir=RESULTS / f"logs-{stamp}",
+        pin=args.pin,
+        nice=args.nice,
+    )
+    started = time.monotonic()
+    results = run(options)
+    elapsed = time.monotonic() - started
+    table = rows(results)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "command": " ".join(["./dev bench", *(argv if argv is not None else sys.argv[1:])]),
+        "elapsed_seconds": round(elapsed),
+        "options": {k: str(v) for k, v in vars(options).items()},
+        "machine": machine(),
+        "commit": git_commit(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    document = {"meta": meta, "results": results}
+    for path in (RESULTS / f"{stamp}.json", RESULTS / "latest.json"):
+        path.write_text(json.dumps(document, indent=2) + "\n")
+    print()
+    print(text_table(table))
+    others = disturbance(results)
+    if others > 0.15:
+        print(f"\nwarning: other programs used up to {others:.0%} of a core during a measurement")
+    print(f"\n{elapsed:.0f} s; raw results in {(RESULTS / f'{stamp}.json').relative_to(ROOT)}")
+    if args.write_docs:
+        from bench.docs import write_performance_md
+
+        write_performance_md(DOCS, document, table)
+        print(f"wrote {DOCS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The session recorder and its file format: round trip, naming, damaged files, memory."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import trio
+from websockets.trio.client import connect
+
+from trio_bridge import TcpAddress
+from trio_bridge.cli import build_parser, config_from_args
+from trio_bridge.observe import Direction, SessionInfo
+from trio_bridge.pytest_plugin import StartBridge
+from trio_bridge.recording import (
+    FrameRecord,
+    Kind,
+    LoadedRecording,
+    Outcome,
+    RecordingError,
+    RecordingReader,
+    load_recording,
+    open_recording,
+)
+from trio_bridge.recording.buffer import EventBuffer
+from trio_bridge.recording.format import Meta, encode_header
+from trio_bridge.recording.recorder import SessionRecorder, recording_name
+from trio_bridge.recording.writer import RecordingFile
+from trio_bridge.replay import PayloadView, print_timeline
+
+from .test_recording_support import (
+    BIG,
+    CLOSE_CODE,
+    CLOSE_REASON,
+    FRAGMENTS,
+    GREETING,
+    SCRIPT,
+    receive_bytes,
+    record_scripted_session,
+    scripted_target,
+    start_tcp_target,
+)
+
+NAME = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z)_([0-9a-f]{8})_127\.0\.0\.1-\d+_127\.0\.0\.1-\d+\.tbrec$")
+
+
+def data_bytes(recording: LoadedRecording, direction: Direction) -> bytes:
+    return b"".join(f.payload for f in recording.frames(direction) if f.is_data)
+
+
+async def test_round_trip_keeps_every_frame_in_order(
+    nursery: trio.Nursery, start_ws_bridge: StartBridge, tmp_path: Path
+) -> None:
+    with trio.fail_after(20):
+        wall_before = time.time()
+        started = time.monotonic()
+        path = await record_scripted_session(nursery, start_ws_bridge, tmp_path)
+        elapsed_us = (time.monotonic() - started) * 1e6
+    recording = load_recording(path)
+    assert recording.status.outcome is Outcome.COMPLETE, recording.status.describe()
+
+    meta = recording.meta
+    assert meta.subprotocol == "binary" and meta.path == "/"
+    assert meta.client.startswith("127.0.0.1:") and meta.target.startswith("127.0.0.1:")
+    assert wall_before - 1 <= meta.started <= time.time()
+    match = NAME.match(path.name)
+    assert match and match.group(2) == meta.session_id
+
+    up = [(f.kind, f.fin, f.payload) for f in recording.frames(Direction.UP)]
+    assert up == [
+        (Kind.BINARY, True, GREETING),
+        (Kind.TEXT, True, b"hello text"),
+        (Kind.BINARY, False, FRAGMENTS[0]),
+        (Kind.CONT, False, FRAGMENTS[1]),
+        (Kind.CONT, False, FRAGMENTS[2]),
+        (Kind.CONT, True, b""),  # websockets ends a fragmented message with an empty frame
+        (Kind.BINARY, True, BIG),
+        (Kind.PING, True, b"are you there"),
+        (Kind.CLOSE, True, CLOSE_CODE.to_bytes(2, "big") + CLOSE_REASON.encode()),
+    ]
+    answers = GREETING + b"".join(step.answer for step in SCRIPT)
+    assert data_bytes(recording, Direction.DOWN) == answers
+    down_control = [(f.kind, f.payload) for f in recording.frames(Direction.DOWN) if not f.is_data]
+    assert down_control == [(Kind.PONG, b"are you there"), (Kind.CLOSE, up[-1][2])]
+
+    # Causality: the client sent each message after the previous answer had arrived.
+    seen_down = 0
+    expected_seen = iter(
+        [len(GREETING) + sum(len(s.answer) for s in SCRIPT[:i]) for i in range(len(SCRIPT))]
+    )
+    for frame in recording.frames():
+        if frame.direction is Direction.DOWN and frame.is_data:
+            seen_down += len(frame.payload)
+        elif frame.kind in (Kind.BINARY, Kind.TEXT):
+            assert seen_down == next(expected_seen)
+
+    times = [r.time_us for r in recording.records]
+    assert times == sorted(times) and times[0] >= 0 and times[-1] <= elapsed_us
+    end = recording.end
+    assert end is not None
+    assert (end.close_code, end.close_reason, end.closed_by) == (CLOSE_CODE, CLOSE_REASON, "client")
+
+
+async def test_names_sort_by_time_and_files_are_compact(
+    nursery: trio.Nursery, start_ws_bridge: StartBridge, tmp_path: Path
+) -> None:
+    target = await start_tcp_target(nursery, scripted_target(greeting=b""))
+    running = await start_ws_bridge(target, record=tmp_path)
+    message = bytes(range(256)) * 256  # 64 KiB
+    with trio.fail_after(20):
+        for _ in range(3):
+            async with connect(running.url, max_size=None) as ws:
+                for _ in range(8):
+                    await ws.send(message)
+                    assert await receive_bytes(ws, len(message)) == message
+        paths = await running.recordings(3)
+    assert sorted(p.name for p in paths) == [p.name for p in paths]
+    for path in paths:
+        recording = load_recording(path)
+        payload = sum(len(f.payload) for f in recording.frames())
+        assert payload >= 2 * 8 * len(message)
+        assert path.stat().st_size <= payload * 1.05
+
+
+def test_file_name_is_readable_for_every_address() -> None:
+    info = SessionInfo("1cc78eb0", "[::1]:35798", "unix:/run/vnc.sock", "/", None, 0.5)
+    expected = "19700101T000000.500000Z_1cc78eb0_1-35798_unix-run-vnc.sock.tbrec"
+    assert recording_name(info) == expected
+
+
+# -- damaged files ---------------------------------------------------------------------------
+
+
+def small_recording() -> tuple[bytes, list[int]]:
+    """A complete recording of a few frames, built with the writer's own encoder, and
+    the offsets where its records end."""
+    buffer = io.BytesIO()
+    meta = Meta("0badc0de", "127.0.0.1:1", "127.0.0.1:2", "/", "binary", 1.0)
+    frames: list[tuple[int, int, int, bytes]] = [
+        (Kind.META, 0, 0, meta.encode()),
+        (Kind.BINARY, 0x03, 10, b"RFB 003.008\n"),
+        (Kind.BINARY, 0x01, 20, b"RFB 003.008\n"),
+        (Kind.TEXT, 0x00, 30, b"part one, "),
+        (Kind.CONT, 0x01, 40, b"part two"),
+        (Kind.PING, 0x01, 50, b""),
+        (Kind.PONG, 0x03, 51, b""),
+        (Kind.CLOSE, 0x01, 60, b"\x03\xe8bye"),
+        (Kind.CLOSE, 0x03, 61, b"\x03\xe8bye"),
+        (Kind.END, 0, 70, b'{"close_code":1000,"close_reason":"bye","closed_by":"client"}'),
+    ]
+    buffer.write(b"\x89TBR\r\n\x1a\n\x00\x01\x00\x00")
+    ends = []
+    for kind, flags, time_us, payload in frames:
+        buffer.write(encode_header(kind, flags, time_us, payload) + payload)
+        ends.append(buffer.tell())
+    return buffer.getvalue(), ends
+
+
+def read_all(data: bytes) -> tuple[list[object], RecordingReader]:
+    reader = RecordingReader(io.BytesIO(data), "cut")
+    return list(reader), reader
+
+
+def test_a_file_cut_at_any_byte_reads_up_to_its_last_complete_record() -> None:
+    data, ends = small_recording()
+    full, reader = read_all(data)
+    assert reader.status is not None and reader.status.complete
+    meta_end = ends[0]
+    for cut in range(len(data) + 1):
+        if cut < meta_end:
+            with pytest.raises(RecordingError) as raised:
+                read_all(data[:cut])
+            assert "offset" in str(raised.value)
+            continue
+        records, reader = read_all(data[:cut])
+        status = reader.status
+        assert status is not None
+        assert records == full[: len(records)]
+        last_end = max(end for end in ends if end <= cut)
+        assert status.offset == last_end
+        if cut == len(data):
+            assert status.outcome is Outcome.COMPLETE
+        elif cut == last_end:
+            assert status.outcome is Outcome.UNFINISHED
+        else:
+            assert status.outcome is Outcome.TRUNCATED
+            assert "ends inside" in status.detail
+
+
+def test_a_damaged_byte_stops_reading_at_its_record() -> None:
+    data, ends = small_recording()
+    full, _ = read_all(data)
+    meta_end, starts = ends[0], ends[:-1]
+    for position in range(meta_end, len(data)):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x20
+        records, reader = read_all(bytes(damaged))
+        assert reader.status is not None
+        assert reader.status.outcome is Outcome.CORRUPT
+        damaged_record = max(s for s in starts if s <= position)
+        assert reader.status.offset == damaged_record
+        assert records == full[: starts.index(damaged_record)]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "the file is empty"),
+        (b"\x89TBR\r", "ends inside the 12-byte prelude"),
+        (b"GIF89a" + bytes(20), "not a trio-bridge recording"),
+        (b"\x89TBR\r\n\x1a\n\x00\x02\x00\x00", "version 2 is not supported"),
+        (b"\x89TBR\r\n\x1a\n\x00\x01\x00\x00" + bytes(40), "checksum"),
+    ],
+)
+def test_files_that_are_not_recordings_give_one_line_with_the_offset(
+    data: bytes, message: str
+) -> None:
+    with pytest.raises(RecordingError) as raised:
+        RecordingReader(io.BytesIO(data), "x.tbrec")
+    text = str(raised.value)
+    assert text.startswith("x.tbrec: offset ") and message in text and "\n" not in text
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+def test_reading_and_printing_a_large_recording_keeps_memory_flat(tmp_path: Path) -> None:
+    path = tmp_path / "large.tbrec"
+    file = RecordingFile(path)
+    meta = Meta("feedface", "c", "t", "/", None, 0.0)
+    chunk = bytes(range(256)) * 256
+    file.append([(Kind.META, 0, 0, meta.encode())])
+    for i in range(64):  # 64 MiB in 1024 records of 64 KiB
+        file.append([(Kind.BINARY, 0x03, i * 16 + j, chunk) for j in range(16)])
+    file.close(sync=False)
+    assert path.stat().st_size > 64 << 20
+
+    tracemalloc.start()
+    try:
+        with open_recording(path) as reader:
+            total = sum(len(r.payload) for r in reader if isinstance(r, FrameRecord))
+        _, read_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        with open_recording(path) as reader:
+            print_timeline(reader, io.StringIO(), view=PayloadView.PREVIEW)
+        _, print_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total == 64 << 20
+    assert read_peak < 4 << 20, read_peak
+    assert print_peak < 4 << 20, print_peak
+
+
+# -- the recorder's buffer --------------------------------------------------------------------
+
+
+async def test_a_full_buffer_drops_frames_and_marks_the_gap(tmp_path: Path) -> None:
+    from websockets.frames import Frame, Opcode
+
+    info = SessionInfo("00000001", "c:1", "t:2", "/", None, 0.0)
+    buffer = EventBuffer(limit=4000)
+    observer = SessionRecorder(info, tmp_path / "x.tbrec", buffer)
+    for _ in range(10):
+        observer.on_frame(Direction.UP, Frame(Opcode.BINARY, bytes(1000)))
+    taken = await buffer.take()
+    assert len(taken) == 3  # the rest did not fit
+    buffer.written()
+    observer.on_frame(Direction.DOWN, Frame(Opcode.BINARY, b"after"))
+    observer.on_end(1000, "", "client")
+    gap, after, end = await buffer.take()
+    assert gap[0] == Kind.GAP and b'"frames_up":7,"bytes_up":7000' in gap[3]
+    assert after[3] == b"after" and end[0] == Kind.END
+    assert buffer.dropped.total_frames == 7
+
+
+# -- the --record option ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, folder, listen_port",
+    [
+        (["--record", "6080", "localhost:5900"], "recordings", 6080),
+        (["6080", "localhost:5900", "--record"], "recordings", 6080),
+        (["--record", "{tmp}", "6080", "localhost:5900"], "{tmp}", 6080),
+        (["--record", "./6080", "6081", "localhost:5900"], "6080", 6081),
+    ],
+)
+def test_record_option(
+    argv: list[str], folder: str, listen_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert config.record == Path(folder.replace("{tmp}", str(tmp_path)))
+    assert config.listen == TcpAddress("127.0.0.1", listen_port)
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/trio-bridge:/var/lib/other")
+    config = config_from_args(build_parser().parse_args(["--record", "6080", "h:1"]))
+    assert config.record == Path("/var/lib/trio-bridge")

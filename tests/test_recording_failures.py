@@ -1,0 +1,293 @@
+"""Recording under trouble: a stalled disk, a full disk, a killed bridge, a bad folder.
+
+In every case the session must keep relaying, and the file must say what it lacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from websockets.trio.client import connect
+
+from trio_bridge import Bridge, Config, TcpAddress
+from trio_bridge.observe import Direction
+from trio_bridge.recording import (
+    FrameRecord,
+    LoadedRecording,
+    Outcome,
+    Recorder,
+    RecordingError,
+    load_recording,
+    open_recording,
+)
+from trio_bridge.recording import writer as writer_module
+
+from .test_recording_support import (
+    ProcessLog,
+    bridge_command,
+    receive_bytes,
+    scripted_target,
+    start_tcp_target,
+    subprocess_env,
+)
+
+MESSAGE = bytes(range(256)) * 256  # 64 KiB
+
+
+async def start_recording_bridge(
+    nursery: trio.Nursery, folder: Path, target: TcpAddress, **recorder_options: int
+) -> tuple[str, Recorder]:
+    recorder: Recorder = await nursery.start(Recorder(folder, **recorder_options).run)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    config = Config(target=target)
+    await nursery.start(Bridge(config, observers=recorder).serve, [listener])
+    return f"ws://127.0.0.1:{listener.getsockname()[1]}/", recorder
+
+
+async def relay_messages(url: str, count: int) -> None:
+    """Send ``count`` 64 KiB messages through an echo and check every byte came back."""
+    async with connect(url, max_size=None, ping_interval=None) as ws:
+        for _ in range(count):
+            await ws.send(MESSAGE)
+            assert await receive_bytes(ws, len(MESSAGE)) == MESSAGE
+
+
+def check_accounting(recording: LoadedRecording, relayed_each_way: int) -> None:
+    """Recorded plus lost is everything relayed, each way: the data and the 2-byte
+    payload of the close frame (gap counts cover frames of every kind)."""
+    for direction in Direction:
+        recorded = sum(len(f.payload) for f in recording.frames(direction))
+        lost = sum(
+            g.bytes_up if direction is Direction.UP else g.bytes_down for g in recording.gaps
+        )
+        assert recorded + lost == relayed_each_way + 2, (direction, recorded, lost)
+
+
+async def test_a_stalled_disk_never_stalls_the_session(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The writer blocks on its first write until the whole session has been relayed."""
+    disk = threading.Event()
+    original = writer_module.RecordingFile.append
+
+    def stalled_append(self: writer_module.RecordingFile, entries: list) -> object:  # type: ignore[type-arg]
+        disk.wait(30)
+        return original(self, entries)
+
+    monkeypatch.setattr(writer_module.RecordingFile, "append", stalled_append)
+    target = await start_tcp_target(nursery, scripted_target(greeting=b""))
+    url, recorder = await start_recording_bridge(nursery, tmp_path, target, buffer_limit=1 << 20)
+    try:
+        with trio.fail_after(20):
+            await relay_messages(url, 64)  # 4 MiB each way through a 1 MiB buffer
+    finally:
+        disk.set()
+    with trio.fail_after(10):
+        (path,) = await recorder.wait_finished(1)
+    recording = load_recording(path)
+    assert recording.status.outcome is Outcome.COMPLETE
+    assert recording.gaps and "buffer full" in recording.gaps[0].reason
+    check_accounting(recording, 64 * len(MESSAGE))
+    assert any("recording buffer full" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_disk_full_from_the_first_write_still_gives_a_readable_file(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first write (META) fails: the retry at the end writes META, GAP and END."""
+    real_pwritev = os.pwritev
+    calls = 0
+
+    def full_once(fd: int, buffers: list[memoryview], offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(writer_module.os, "pwritev", full_once)
+    target = await start_tcp_target(nursery, scripted_target(greeting=b""))
+    url, recorder = await start_recording_bridge(nursery, tmp_path, target)
+    with trio.fail_after(10):
+        await relay_messages(url, 4)
+        (path,) = await recorder.wait_finished(1)
+    recording = load_recording(path)
+    assert recording.status.complete and recording.meta.target == str(target)
+    (gap,) = recording.gaps
+    assert gap.reason == "write failed: No space left on device"
+    check_accounting(recording, 4 * len(MESSAGE))
+
+
+@contextlib.contextmanager
+def tiny_filesystem(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (needs root); skips the test where mounting is not allowed."""
+    where.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); see the RLIMIT test")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+async def test_a_full_disk_leaves_the_session_running_and_the_gap_marked(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with tiny_filesystem(tmp_path / "small", "200k") as folder:
+        target = await start_tcp_target(nursery, scripted_target(greeting=b""))
+        url, recorder = await start_recording_bridge(nursery, folder, target)
+        with trio.fail_after(20):
+            await relay_messages(url, 32)  # 2 MiB each way onto 200 KiB
+            (path,) = await recorder.wait_finished(1)
+        recording = load_recording(path)
+    assert recording.gaps, recording.status.describe()
+    assert "No space left on device" in recording.gaps[0].reason
+    check_accounting(recording, 32 * len(MESSAGE))
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("cannot write recording" in e and "No space left" in e for e in errors)
+
+
+def _limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+
+async def test_a_file_size_limit_in_a_bridge_process_is_survived_and_marked(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The same as a full disk without root: RLIMIT_FSIZE makes writes fail with EFBIG."""
+    target = await start_tcp_target(nursery, scripted_target(greeting=b""))
+    process = await trio.lowlevel.open_process(
+        bridge_command(tmp_path, target),
+        stderr=subprocess.PIPE,
+        env=subprocess_env(),
+        preexec_fn=_limit_file_size,
+    )
+    log = ProcessLog(process)
+    nursery.start_soon(log.pump)
+    try:
+        with trio.fail_after(20):
+            port = await log.port()
+            await relay_messages(f"ws://127.0.0.1:{port}/", 32)
+            # The writer's last word on a recording, logged once its file is closed.
+            await log.wait_for(re.compile(rb"recording (\S+) is missing \d+ frames"))
+    finally:
+        process.terminate()
+        with trio.move_on_after(10):
+            await process.wait()
+        print(await log.until_closed())  # shown when the test fails
+    assert b"cannot write recording" in log.text and b"File too large" in log.text
+    recording = load_recording(_only_recording(tmp_path))
+    assert recording.gaps and "File too large" in recording.gaps[0].reason
+    check_accounting(recording, 32 * len(MESSAGE))
+
+
+async def test_a_recording_survives_kill_9_mid_session(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    target = await start_tcp_target(nursery, scripted_target(greeting=b""))
+    process = await trio.lowlevel.open_process(
+        bridge_command(tmp_path, target), stderr=subprocess.PIPE, env=subprocess_env()
+    )
+    log = ProcessLog(process)
+    nursery.start_soon(log.pump)
+    sent = bytearray()
+    try:
+        with trio.fail_after(20):
+            port = await log.port()
+            async with connect(f"ws://127.0.0.1:{port}/", max_size=None, ping_interval=None) as ws:
+                message = 0
+                while True:  # keep the session busy until the file has caught up a little
+                    payload = message.to_bytes(4, "big") * 4096
+                    await ws.send(payload)
+                    sent += payload
+                    assert await receive_bytes(ws, len(payload)) == payload
+                    message += 1
+                    if message % 8 == 0 and _recorded_frames(tmp_path) >= 16:
+                        break
+                await ws.send(b"in flight when killed")
+                process.send_signal(signal.SIGKILL)
+                await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        print(await log.until_closed())  # shown when the test fails
+    recording = load_recording(_only_recording(tmp_path))
+    assert recording.status.outcome in (Outcome.UNFINISHED, Outcome.TRUNCATED)
+    up = b"".join(f.payload for f in recording.frames(Direction.UP) if f.is_data)
+    down = b"".join(f.payload for f in recording.frames(Direction.DOWN) if f.is_data)
+    everything = bytes(sent) + b"in flight when killed"  # the last may have made it
+    assert len(up) >= 16 * 4096 and everything.startswith(up) and everything.startswith(down)
+
+
+def _only_recording(folder: Path) -> Path:
+    (path,) = folder.glob("*.tbrec")
+    return path
+
+
+def _recorded_frames(folder: Path) -> int:
+    """Frames readable so far from a recording another process is still writing."""
+    for path in folder.glob("*.tbrec"):
+        try:
+            with open_recording(path) as reader:
+                return sum(1 for r in reader if isinstance(r, FrameRecord))
+        except RecordingError:
+            return 0
+    return 0
+
+
+# -- the recording folder -----------------------------------------------------------------------
+
+
+def run_bridge_cli(record: Path) -> subprocess.CompletedProcess[str]:
+    command = bridge_command(record, TcpAddress("127.0.0.1", 9))
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, env=subprocess_env())
+
+
+def test_a_missing_recording_folder_stops_the_bridge_with_one_line(tmp_path: Path) -> None:
+    result = run_bridge_cli(tmp_path / "missing")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"trio-bridge: cannot record sessions: folder {tmp_path / 'missing'} does not exist "
+        "(create it first)"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unwritable_recording_folder_stops_the_bridge_with_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() == 0:  # root writes through permissions: make the file system read-only
+        with tiny_filesystem(tmp_path / "ro", "64k") as mounted:
+            subprocess.run(["mount", "-o", "remount,ro", str(mounted)], check=True)
+            result = run_bridge_cli(mounted)
+        folder = mounted
+    else:
+        folder.chmod(0o500)
+        result = run_bridge_cli(folder)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"trio-bridge: cannot record sessions: folder {folder} is not writable")
+    assert "Traceback" not in result.stderr

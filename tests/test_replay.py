@@ -1,0 +1,190 @@
+"""trio-bridge-replay's serve and drive, in-process, against a recorded scripted session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+from websockets.trio.client import ClientConnection, connect
+
+from trio_bridge.observe import Direction
+from trio_bridge.pytest_plugin import StartBridge, StartReplay
+from trio_bridge.recording import Kind, load_recording
+from trio_bridge.recording.format import Meta
+from trio_bridge.recording.writer import RecordingFile
+from trio_bridge.replay import drive
+
+from .test_recording_support import (
+    BIG,
+    CLOSE_CODE,
+    CLOSE_REASON,
+    FRAGMENTS,
+    GREETING,
+    record_scripted_session,
+    scripted_target,
+    start_tcp_target,
+)
+
+
+@pytest.fixture
+async def recording(
+    nursery: trio.Nursery, start_ws_bridge: StartBridge, tmp_path: Path
+) -> Path:
+    folder = tmp_path / "recorded"
+    folder.mkdir()
+    with trio.fail_after(20):
+        return await record_scripted_session(nursery, start_ws_bridge, folder)
+
+
+def recorded_down(path: Path) -> list[bytes]:
+    """The target's data frames in a recording, one payload per frame."""
+    return [f.payload for f in load_recording(path).frames(Direction.DOWN) if f.is_data]
+
+
+async def play_recorded_client(url: str, frames: int, *, text: str = "hello text") -> list[bytes]:
+    """Send the recorded client's messages to ``url`` and collect ``frames`` data frames."""
+    received: list[bytes] = []
+    async with connect(url, subprotocols=["binary"], ping_interval=None, max_size=None) as ws:
+        async with trio.open_nursery() as nursery:
+            done = trio.Event()
+
+            async def reader(ws: ClientConnection = ws) -> None:
+                while len(received) < frames:
+                    message = await ws.recv()
+                    assert isinstance(message, bytes)
+                    received.append(message)
+                done.set()
+
+            nursery.start_soon(reader)
+            for message in (GREETING, text, FRAGMENTS, BIG):
+                await ws.send(message)
+            await (await ws.ping(b"are you there")).wait()
+            await done.wait()
+        await ws.aclose(CLOSE_CODE, CLOSE_REASON)
+    return received
+
+
+async def test_serve_sends_the_recorded_frames_byte_for_byte(
+    recording: Path, start_replay_server: StartReplay
+) -> None:
+    server = await start_replay_server(recording, lockstep=True, delay=False)
+    expected = recorded_down(recording)
+    with trio.fail_after(20):
+        received = await play_recorded_client(server.url, len(expected))
+        (report,) = await server.wait_reports(1)
+    assert received == expected
+    assert report.ok, report.lines()
+    assert report.matched == report.expected_messages == 4
+
+
+async def test_serve_reports_a_client_message_that_differs(
+    recording: Path, start_replay_server: StartReplay
+) -> None:
+    server = await start_replay_server(recording, lockstep=True, delay=False)
+    with trio.fail_after(20):
+        await play_recorded_client(server.url, len(recorded_down(recording)), text="hello TEXT")
+        (report,) = await server.wait_reports(1)
+    assert not report.ok and report.matched == 3
+    (difference,) = report.differences
+    assert difference.index == 2
+    text = "\n".join(report.lines())
+    assert "client message #2" in text and "'hello text'" in text and "'hello TEXT'" in text
+    assert text.endswith("DIFFERENT")
+
+
+def timed_recording(path: Path) -> Path:
+    """Two target messages 400 ms apart, then the target closes."""
+    file = RecordingFile(path)
+    meta = Meta("7157ed00", "c:1", "t:2", "/", None, 0.0)
+    file.append(
+        [
+            (Kind.META, 0, 0, meta.encode()),
+            (Kind.BINARY, 0x03, 1_000, b"first"),
+            (Kind.BINARY, 0x03, 401_000, b"second"),
+            (Kind.CLOSE, 0x03, 402_000, b"\x03\xe8target closed the connection"),
+        ]
+    )
+    file.close(sync=False)
+    return path
+
+
+@pytest.mark.parametrize("speed, delay, low, high", [(2.0, True, 0.19, 0.35), (1.0, False, 0, 0.1)])
+async def test_serve_keeps_the_recorded_timing_scaled_by_speed(
+    tmp_path: Path,
+    start_replay_server: StartReplay,
+    speed: float,
+    delay: bool,
+    low: float,
+    high: float,
+) -> None:
+    path = timed_recording(tmp_path / "t.tbrec")
+    server = await start_replay_server(path, speed=speed, delay=delay)
+    with trio.fail_after(10):
+        async with connect(server.url) as ws:
+            assert await ws.recv() == b"first"
+            first = trio.current_time()
+            assert await ws.recv() == b"second"
+            gap = trio.current_time() - first
+            await ws.wait_closed()
+        assert ws.close_code == 1000 and ws.close_reason == "target closed the connection"
+        (report,) = await server.wait_reports(1)
+    assert low <= gap <= high
+    assert report.ok, report.lines()
+
+
+# -- drive -----------------------------------------------------------------------------------
+
+
+async def test_drive_matches_the_recorded_target_directly_and_through_a_bridge(
+    nursery: trio.Nursery, recording: Path, start_ws_bridge: StartBridge
+) -> None:
+    target = await start_tcp_target(nursery, scripted_target())
+    bridge = await start_ws_bridge(target)
+    with trio.fail_after(20):
+        direct = await drive(recording, target=target, delay=False)
+        bridged = await drive(recording, url=bridge.url, delay=False)
+    for report in (direct, bridged):
+        assert report.ok, "\n".join(report.lines())
+        assert report.received_bytes == report.expected_bytes > len(BIG)
+        assert report.sent_messages == 4
+    assert bridged.lines()[-1] == "result: same as the recording (4 client messages sent)"
+
+
+async def test_drive_reports_where_a_changed_target_diverges(
+    nursery: trio.Nursery, recording: Path
+) -> None:
+    def corrupt(chunk: bytes) -> bytes:
+        return chunk.replace(b"frag2", b"FRAG2")
+
+    changed = await start_tcp_target(
+        nursery, scripted_target(greeting=b"RFB 003.007\n", transform=corrupt)
+    )
+    with trio.fail_after(20):
+        report = await drive(recording, target=changed, delay=False, timeout=2)
+    assert not report.ok
+    first, second = report.divergences
+    assert first.offset == 10 and first.expected.startswith(b"8\n") and first.got.startswith(b"7\n")
+    frag2 = len(GREETING * 2 + b"hello text" + b"frag1-")
+    assert second.offset == frag2 and second.got.startswith(b"FRAG2")
+    lines = report.lines()
+    assert "@@ target->client byte 10 (recorded at" in lines[2]
+    assert lines[3].startswith("- 0000000a  38 0a") and lines[4].startswith("+ 0000000a  37 0a")
+    assert lines[-1].startswith("result: DIFFERENT")
+
+
+async def test_drive_reports_a_server_that_stops_early(
+    nursery: trio.Nursery, recording: Path
+) -> None:
+    async def hang_up_after_greeting(stream: trio.SocketStream) -> None:
+        await stream.send_all(GREETING)
+        await stream.receive_some(100)
+
+    early = await start_tcp_target(nursery, hang_up_after_greeting)
+    with trio.fail_after(20):
+        report = await drive(recording, target=early, delay=False, timeout=2)
+    assert not report.ok
+    assert report.received_bytes == len(GREETING)
+    assert report.missing_bytes == report.expected_bytes - len(GREETING)
+    text = "\n".join(report.lines())
+    assert f"the server sent {report.missing_bytes} bytes fewer than the recording" in text

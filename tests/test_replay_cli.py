@@ -1,0 +1,193 @@
+"""The ``trio-bridge-replay`` command line, run as a user runs it: in a subprocess."""
+
+from __future__ import annotations
+
+import codecs
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from websockets.trio.client import connect
+
+from trio_bridge.observe import Direction
+from trio_bridge.pytest_plugin import StartBridge
+from trio_bridge.recording import load_recording
+from trio_bridge.replay.cli import main
+from trio_bridge.replay.messages import recorded_messages
+
+from .test_recording_support import (
+    BIG,
+    GREETING,
+    record_scripted_session,
+    run_replay_cli,
+    scripted_target,
+    start_tcp_target,
+)
+
+REPLAY_MAIN = "import sys; from trio_bridge.replay.cli import main; sys.exit(main())"
+REPLAY = [sys.executable, "-c", REPLAY_MAIN]
+
+
+def replay(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``trio-bridge-replay ARGS`` in-process (show and export need no event loop)."""
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture
+async def recording(nursery: trio.Nursery, start_ws_bridge: StartBridge, tmp_path: Path) -> Path:
+    folder = tmp_path / "recorded"
+    folder.mkdir()
+    with trio.fail_after(20):
+        return await record_scripted_session(nursery, start_ws_bridge, folder)
+
+
+async def test_timeline_shows_every_frame_and_a_summary(
+    recording: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = replay(capsys, str(recording))
+    assert status == 0, err
+    assert f"recording {recording}" in out and "subprotocol binary" in out
+    assert re.search(r"\n +\d+\.\d{6}  up    binary         12  'RFB 003\.008\\n'\n", out)
+    assert re.search(r"  up    binary\+         6  'frag1-'\n", out)
+    assert re.search(r"  up    close           5  4000 'bye'\n", out)
+    assert re.search(r"  ----  END      close 4000 by client \(bye\)\n", out)
+    assert "up (client->target): 4 messages" in out
+    assert "close: 4000 by client (bye)" in out and "file: complete" in out
+
+    status, quiet, _ = replay(capsys, "show", "--no-payload", "--filter", "down", str(recording))
+    assert status == 0
+    rows = [line for line in quiet.splitlines() if re.match(r" +\d+\.\d{6}  ", line)]
+    assert rows and all("  down  " in row or "  ----  " in row for row in rows)
+    assert "'RFB" not in quiet
+
+    _, full, _ = replay(capsys, "show", "--full", "--filter", "up", str(recording))
+    hex_row = "00000000  00 01 02 03 04 05 06 07  08 09 0a 0b 0c 0d 0e 0f  |................|"
+    assert hex_row in full
+
+
+def test_broken_files_give_one_line_and_a_status(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.tbrec"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    result = run_replay_cli(str(garbage))
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"trio-bridge-replay: {garbage}: offset 0: "
+        "not a trio-bridge recording (wrong magic bytes)\n"
+    )
+    missing = run_replay_cli(str(tmp_path / "nope.tbrec"))
+    assert missing.returncode == 2 and "No such file or directory" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def cut_copy(recording: Path, folder: Path) -> Path:
+    """The recording cut in the middle of the big client message."""
+    (big,) = [f for f in load_recording(recording).frames(Direction.UP) if f.payload == BIG]
+    cut = folder / "cut.tbrec"
+    cut.write_bytes(recording.read_bytes()[: big.offset + 1000])
+    return cut
+
+
+async def test_a_cut_recording_prints_what_it_has_and_says_where_it_stops(
+    recording: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cut = cut_copy(recording, tmp_path)
+    status, out, err = replay(capsys, str(cut))
+    assert status == 1
+    (line,) = err.splitlines()
+    assert re.fullmatch(
+        rf"trio-bridge-replay: {re.escape(str(cut))}: truncated at offset \d+: the file ends "
+        rf"inside a record \(978 of {len(BIG)} payload bytes present\)",
+        line,
+    )
+    assert "  up    binary         12" in out and "file: truncated at offset" in out
+
+
+async def test_export_writes_websockifys_format(
+    recording: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "session.js"
+    args = ["export", "--format", "websockify", str(recording), "-o", str(out)]
+    status, _, err = replay(capsys, *args)
+    assert status == 0, err
+    lines = read_lines(out)
+    assert lines[0] == "var VNC_frame_data = [" and lines[-1] == "'EOF'];"
+    entries = []
+    for line in lines[1:-1]:
+        match = re.fullmatch(r"'([{}])(\d+)\1(.*)',", line)
+        assert match, line
+        data = codecs.decode(match.group(3), "unicode_escape").encode("latin-1")
+        entries.append((match.group(1), int(match.group(2)), data))
+    recorded = load_recording(recording)
+    up = [m.payload for m in recorded_messages(recorded.records, Direction.UP)]
+    down = [m.payload for m in recorded_messages(recorded.records, Direction.DOWN)]
+    assert [data for marker, _, data in entries if marker == "}"] == up
+    assert [data for marker, _, data in entries if marker == "{"] == down
+    assert entries[0] == ("{", entries[0][1], GREETING)  # the server speaks first
+    times = [ms for _, ms, _ in entries]
+    assert times == sorted(times)
+    assert BIG in up
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+async def test_drive_exits_0_when_the_server_matches_and_1_when_not(
+    nursery: trio.Nursery, recording: Path
+) -> None:
+    same = await start_tcp_target(nursery, scripted_target())
+    changed = await start_tcp_target(nursery, scripted_target(greeting=b"RFB 003.003\n"))
+    with trio.fail_after(30):
+        ok = await trio.run_process(
+            [*REPLAY, "drive", str(recording), "--target", str(same), "--no-delay"],
+            capture_stdout=True,
+            check=False,
+        )
+        bad = await trio.run_process(
+            [*REPLAY, "drive", str(recording), "--target", str(changed), "--no-delay"],
+            capture_stdout=True,
+            check=False,
+        )
+        down = await trio.run_process(
+            [*REPLAY, "drive", str(recording), "--target", "127.0.0.1:9", "--timeout", "2"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert ok.returncode == 0, ok.stdout
+    assert ok.stdout.decode().splitlines()[-1].startswith("result: same as the recording")
+    assert bad.returncode == 1
+    assert "@@ target->client byte 10 " in bad.stdout.decode()
+    assert down.returncode == 2
+    assert down.stderr.decode().startswith("trio-bridge-replay: cannot connect to 127.0.0.1:9")
+
+
+async def test_serve_once_replays_to_one_client_and_reports(recording: Path) -> None:
+    command = [*REPLAY, "serve", str(recording), "--listen", "127.0.0.1:0", "--once", "--no-delay"]
+    process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    try:
+        with trio.fail_after(20):
+            banner = b""
+            while b"\n" not in banner:
+                banner += await process.stdout.receive_some(1000)
+            match = re.search(rb"on (ws://127\.0\.0\.1:\d+/)", banner)
+            assert match, banner
+            async with connect(match.group(1).decode(), subprotocols=["binary"]) as ws:
+                assert await ws.recv() == GREETING
+                await ws.send(b"not what the recording has")
+            rest = b""
+            async for chunk in process.stdout:
+                rest += chunk
+            assert await process.wait() == 1
+    finally:
+        if process.returncode is None:
+            process.kill()
+    report = rest.decode()
+    assert "client message #1 at" in report and "got      binary 26 B 'not what the" in report
+    assert report.splitlines()[-1].endswith(": DIFFERENT")

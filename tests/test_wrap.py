@@ -1,0 +1,475 @@
+"""Wrap mode with real programs: each policy, both ways to reach the program, programs
+that die, never listen or ignore SIGTERM, and no process left behind."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from websockets.exceptions import InvalidStatus
+from websockets.trio.client import ClientConnection, connect
+
+from trio_bridge.addons import Addons, WrappedProgramExited
+from trio_bridge.cli import build_parser, config_from_args
+from trio_bridge.config import Config, ConfigError, Limits, StartupError, TcpAddress
+from trio_bridge.server import Bridge
+from trio_bridge.wrap import Supervisor, WrapConfig, WrapMode, first_leaf, split_command
+
+from .conftest import LogWaiter, free_port, loopback_listener
+from .test_web import fetch
+
+ECHO_SERVER = """
+    import os, socket, sys, threading
+    port = int(sys.argv[1] if len(sys.argv) > 1 else os.environ["TRIO_BRIDGE_TARGET_PORT"])
+    server = socket.socket()
+    server.bind(("127.0.0.1", port))
+    server.listen()
+    print("echo server up on", port, flush=True)
+    print("a line on stderr", file=sys.stderr, flush=True)
+    def echo(conn):
+        while data := conn.recv(65536):
+            conn.sendall(data)
+        conn.close()
+    while True:
+        conn, _ = server.accept()
+        threading.Thread(target=echo, args=(conn,), daemon=True).start()
+"""
+
+STDIO_ECHO = """
+    import os, sys
+    os.write(1, b"banner from pid %d\\n" % os.getpid())
+    while data := os.read(0, 65536):
+        os.write(1, data)
+"""
+
+
+def script(tmp_path: Path, name: str, source: str) -> list[str]:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return [sys.executable, str(path)]
+
+
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie nobody reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            state = file.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def is_zombie(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}") and not alive(pid)
+
+
+async def wait_group_gone(pgid: int) -> None:
+    """Until no process of the group is left; killed orphans are reaped by init, soon."""
+    with trio.fail_after(5):
+        while True:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            await trio.sleep(0.02)
+
+
+async def startup_error(supervisor: Supervisor) -> StartupError:
+    """The StartupError ``nursery.start(supervisor.run)`` raises (inside the nursery's group)."""
+    errors: list[BaseException] = []
+    with trio.fail_after(10):
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(supervisor.run)
+        except* StartupError as group:
+            errors.append(first_leaf(group))
+    assert errors, "the supervisor started"
+    assert isinstance(errors[0], StartupError)
+    return errors[0]
+
+
+class Wrapped:
+    def __init__(self, addons: Addons, bridge: Bridge, port: int) -> None:
+        self.addons = addons
+        self.bridge = bridge
+        self.port = port
+        self.url = f"ws://127.0.0.1:{port}/"
+        self.done = trio.Event()
+        self.exited: WrappedProgramExited | None = None
+
+    @property
+    def supervisor(self) -> Supervisor:
+        assert self.addons.supervisor is not None
+        return self.addons.supervisor
+
+    @property
+    def pid(self) -> int:
+        process = self.supervisor._process
+        assert process is not None
+        return process.pid
+
+
+Start = Callable[..., Awaitable[Wrapped]]
+
+
+@pytest.fixture
+async def start_wrapped(nursery: trio.Nursery) -> AsyncIterator[Start]:
+    """``await start_wrapped(command, **wrap_fields)``: a bridge built as the CLI builds it."""
+    started: list[Wrapped] = []
+
+    async def start(command: list[str], **fields: Any) -> Wrapped:
+        wrap = WrapConfig(tuple(command), **fields)
+        config = Config(target=None, wrap=wrap, limits=Limits(close_timeout=0.5, shutdown_grace=1))
+        addons = Addons(config)
+        listener = loopback_listener()
+        wrapped = Wrapped(addons, addons.bridge(), listener.getsockname()[1])
+
+        async def serve(task_status: trio.TaskStatus[None]) -> None:
+            try:
+                await addons.serve(wrapped.bridge, [listener], task_status=task_status)
+            except WrappedProgramExited as exc:
+                wrapped.exited = exc
+            finally:
+                wrapped.done.set()
+
+        await nursery.start(serve)
+        started.append(wrapped)
+        return wrapped
+
+    yield start
+    for wrapped in started:  # the program must be gone whatever the test did
+        wrapped.bridge.request_shutdown()
+        with trio.fail_after(10):
+            await wrapped.done.wait()
+
+
+async def read_line(ws: ClientConnection) -> bytes:
+    """Up to a newline: a byte stream has no message boundaries to rely on."""
+    line = b""
+    while not line.endswith(b"\n"):
+        data = await ws.recv()
+        assert isinstance(data, bytes)
+        line += data
+    return line
+
+
+async def echo_once(ws: ClientConnection, payload: bytes) -> None:
+    await ws.send(payload)
+    got = b""
+    while len(got) < len(payload):
+        data = await ws.recv()
+        assert isinstance(data, bytes)
+        got += data
+    assert got == payload
+
+
+# -- TCP mode ----------------------------------------------------------------------------
+
+
+async def test_tcp_mode_picks_a_port_passes_it_and_logs_the_output(
+    start_wrapped: Start, tmp_path: Path, bridge_log: LogWaiter
+) -> None:
+    with trio.fail_after(20):
+        wrapped = await start_wrapped([*script(tmp_path, "echo.py", ECHO_SERVER), "{port}"])
+        target = wrapped.supervisor.target
+        assert isinstance(target, TcpAddress)
+        await bridge_log.wait_for(f"echo server up on {target.port}", logger="trio_bridge.wrap")
+        await bridge_log.wait_for("a line on stderr", logger="trio_bridge.wrap")
+        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+            await echo_once(ws, b"to the wrapped program")
+        assert (await fetch(wrapped.port, "/healthz")).status == 200
+
+
+async def test_tcp_mode_port_from_the_environment_and_a_given_target(
+    start_wrapped: Start, tmp_path: Path
+) -> None:
+    port = free_port()
+    with trio.fail_after(20):
+        wrapped = await start_wrapped(
+            script(tmp_path, "echo.py", ECHO_SERVER), target=TcpAddress("127.0.0.1", port)
+        )
+        assert wrapped.supervisor.target == TcpAddress("127.0.0.1", port)
+        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+            await echo_once(ws, b"via $TRIO_BRIDGE_TARGET_PORT")
+
+
+async def test_program_that_never_listens_is_a_clear_startup_error(tmp_path: Path) -> None:
+    never = script(
+        tmp_path, "never.py", "import time\nprint('not listening', flush=True)\ntime.sleep(60)\n"
+    )
+    supervisor = Supervisor(WrapConfig(tuple(never), start_timeout=0.5, stop_timeout=1))
+    failed = str(await startup_error(supervisor))
+    assert "did not listen on 127.0.0.1:" in failed
+    assert "within 0.5 s" in failed
+    assert "{port}" in failed  # says how to pass the port
+    assert supervisor._process is None
+    assert supervisor.starts == 1
+
+
+async def test_program_that_exits_before_listening(tmp_path: Path) -> None:
+    failing = ["sh", "-c", "echo cannot bind >&2; exit 2"]
+    supervisor = Supervisor(WrapConfig(tuple(failing)))
+    assert "exited with status 2 before listening" in str(await startup_error(supervisor))
+
+
+async def test_port_already_taken_and_missing_program(tmp_path: Path) -> None:
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        supervisor = Supervisor(WrapConfig(("true",), target=TcpAddress("127.0.0.1", port)))
+        assert "already listens on port" in str(await startup_error(supervisor))
+    assert supervisor.starts == 0
+    missing = Supervisor(WrapConfig((str(tmp_path / "no-such-program"),)))
+    failed = str(await startup_error(missing))
+    assert "cannot start" in failed
+    assert "No such file" in failed
+
+
+# -- stdio mode --------------------------------------------------------------------------
+
+
+async def test_stdio_mode_one_program_across_sessions(start_wrapped: Start, tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        wrapped = await start_wrapped(script(tmp_path, "stdio.py", STDIO_ECHO), stdio=True)
+        pid = wrapped.pid
+        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+            # Output written before anyone attached waited in the pipe.
+            assert await read_line(ws) == b"banner from pid %d\n" % pid
+            await echo_once(ws, b"first session\n")
+            # One session at a time owns stdin/stdout.
+            with pytest.raises(InvalidStatus) as busy:
+                async with connect(wrapped.url, subprotocols=["binary"]):
+                    pass
+            assert busy.value.response.status_code == 409
+        # The session ended; the program did not.
+        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+            await echo_once(ws, b"second session, same program\n")
+        assert wrapped.pid == pid
+        assert wrapped.supervisor.starts == 1
+
+
+async def test_stdio_program_exit_closes_the_session(start_wrapped: Start) -> None:
+    with trio.fail_after(20):
+        wrapped = await start_wrapped(
+            ["sh", "-c", "read line; echo bye; exit 0"], stdio=True, mode=WrapMode.IGNORE
+        )
+        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+            await ws.send(b"hello\n")
+            assert await read_line(ws) == b"bye\n"
+            with pytest.raises(Exception, match="target closed the connection"):
+                await ws.recv()
+
+
+# -- policies ------------------------------------------------------------------------------
+
+
+async def test_exit_mode_stops_the_bridge_with_the_programs_status(start_wrapped: Start) -> None:
+    with trio.fail_after(20):
+        wrapped = await start_wrapped(["sh", "-c", "read line; exit 3"], stdio=True)
+        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+            await ws.send(b"go\n")
+            with pytest.raises(Exception, match="target closed the connection"):
+                await ws.recv()
+        await wrapped.done.wait()
+    assert wrapped.exited is not None
+    assert wrapped.exited.status == 3
+
+
+async def test_ignore_mode_keeps_serving_without_the_program(
+    start_wrapped: Start, tmp_path: Path, bridge_log: LogWaiter
+) -> None:
+    with trio.fail_after(20):
+        wrapped = await start_wrapped(
+            [*script(tmp_path, "echo.py", ECHO_SERVER), "{port}"], mode=WrapMode.IGNORE
+        )
+        os.kill(wrapped.pid, signal.SIGKILL)
+        await bridge_log.wait_for("was killed by SIGKILL", logger="trio_bridge.wrap")
+        health = await fetch(wrapped.port, "/healthz")
+        assert health.status == 503
+        assert b"was killed by SIGKILL" in health.body
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(wrapped.url, subprotocols=["binary"], open_timeout=15):
+                pass
+        assert refused.value.response.status_code == 503
+        assert not wrapped.done.is_set()
+        assert wrapped.supervisor.starts == 1
+
+
+async def test_respawn_mode_restarts_the_program(
+    start_wrapped: Start, tmp_path: Path, bridge_log: LogWaiter
+) -> None:
+    with trio.fail_after(20):
+        wrapped = await start_wrapped(
+            [*script(tmp_path, "echo.py", ECHO_SERVER), "{port}"],
+            mode=WrapMode.RESPAWN,
+            backoff_initial=0.2,
+        )
+        first = wrapped.pid
+        os.kill(first, signal.SIGTERM)
+        await bridge_log.wait_for("restarting", "in 0.2 s", logger="trio_bridge.wrap")
+        # A session that arrives meanwhile waits for the new program (up to connect_timeout).
+        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+            await echo_once(ws, b"after a respawn")
+        assert wrapped.supervisor.starts == 2
+        assert wrapped.pid != first
+        assert not alive(first)
+        assert not is_zombie(first)
+
+
+async def test_respawn_backs_off_exponentially(start_wrapped: Start, bridge_log: LogWaiter) -> None:
+    with trio.fail_after(20):
+        await start_wrapped(
+            ["sh", "-c", "exit 1"], stdio=True, mode=WrapMode.RESPAWN, backoff_initial=0.1
+        )
+        for delay in ("0.1", "0.2", "0.4", "0.8"):
+            await bridge_log.wait_for("restarting", f"in {delay} s", logger="trio_bridge.wrap")
+    starts = [
+        record.created
+        for record in bridge_log.caplog.records
+        if record.name == "trio_bridge.wrap" and record.getMessage().startswith("started")
+    ]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert len(gaps) >= 3
+    for earlier, later in itertools.pairwise(gaps):
+        assert later > earlier * 1.4, gaps
+
+
+# -- stopping ----------------------------------------------------------------------------
+
+STUBBORN = """
+    import signal, subprocess, sys, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen(["sleep", "300"])
+    print("child", child.pid, flush=True)
+    sys.stdin.read()
+    time.sleep(300)
+"""
+
+
+async def test_shutdown_stops_the_program_and_its_children(
+    start_wrapped: Start, tmp_path: Path, bridge_log: LogWaiter
+) -> None:
+    with trio.fail_after(20):
+        wrapped = await start_wrapped(
+            script(tmp_path, "stubborn.py", STUBBORN), stdio=True, stop_timeout=0.5
+        )
+        pid = wrapped.pid
+        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+            line = await read_line(ws)
+        child = int(line.split()[1])
+        assert alive(child)
+        wrapped.bridge.request_shutdown()
+        await wrapped.done.wait()
+        # It ignored SIGTERM: SIGKILL after stop_timeout, for the whole group.
+        await bridge_log.wait_for(f"(pid {pid}) was killed by SIGKILL", logger="trio_bridge.wrap")
+    assert not alive(pid) and not is_zombie(pid)
+    assert not alive(child)
+    await wait_group_gone(pid)
+    assert wrapped.exited is None  # asked to stop: not a program exit
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+def cli_config(*argv: str) -> Config:
+    args_list, command = split_command(argv)
+    args = build_parser().parse_args(args_list)
+    args.wrap_command = command
+    return config_from_args(args)
+
+
+def test_command_line_forms() -> None:
+    config = cli_config("6080", "--", "prog", "--verbose", "{port}")
+    assert config.target is None
+    assert config.wrap == WrapConfig(("prog", "--verbose", "{port}"), WrapMode.EXIT)
+    config = cli_config("6080", "localhost:5901", "--wrap-mode=respawn", "--", "x11vnc")
+    assert config.wrap is not None
+    assert config.wrap.target == TcpAddress("localhost", 5901)
+    assert config.wrap.mode is WrapMode.RESPAWN
+    assert cli_config("6080", "--wrap-stdio", "--", "bash", "-i").wrap == WrapConfig(
+        ("bash", "-i"), stdio=True
+    )
+    with pytest.raises(ConfigError, match="need a program"):
+        cli_config("6080", "localhost:5901", "--wrap-mode=ignore")
+    with pytest.raises(ConfigError, match="give no target"):
+        cli_config("6080", "localhost:5901", "--wrap-stdio", "--", "cat")
+
+
+def run_cli(*argv: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "trio_bridge.cli", *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+async def wait_for_line(proc: subprocess.Popen[bytes], fragment: bytes) -> bytes:
+    assert proc.stdout is not None
+    stream = trio.lowlevel.FdStream(os.dup(proc.stdout.fileno()))
+    seen = b""
+    async with stream:
+        while fragment not in seen:
+            chunk = await stream.receive_some(4096)
+            assert chunk, seen.decode()
+            seen += chunk
+    return seen
+
+
+async def test_cli_exit_mode_exits_with_the_programs_status() -> None:
+    port = free_port()
+    proc = run_cli(str(port), "--wrap-stdio", "--", "sh", "-c", "sleep 0.3; exit 7")
+    try:
+        with trio.fail_after(20):
+            status = await trio.to_thread.run_sync(proc.wait)
+        assert proc.stdout is not None
+        output = proc.stdout.read().decode()
+        assert status == 7, output
+        assert "exited with status 7" in output
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_cli_sigterm_stops_bridge_and_program() -> None:
+    port = free_port()
+    proc = run_cli(str(port), "--wrap-stdio", "--wrap-mode=respawn", "--", "sleep", "300")
+    try:
+        with trio.fail_after(20):
+            seen = await wait_for_line(proc, b"relaying to")
+            pid = int(seen.split(b"(pid ")[1].split(b")")[0])
+            assert alive(pid)
+            proc.send_signal(signal.SIGTERM)
+            status = await trio.to_thread.run_sync(proc.wait)
+        assert status == 0
+        assert not alive(pid) and not is_zombie(pid)
+        await wait_group_gone(pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_cli_sigterm_while_waiting_for_the_program_to_listen() -> None:
+    """Starting can wait 30 s for the port; a stop request must not wait with it."""
+    proc = run_cli(str(free_port()), "--", "sleep", "300")
+    try:
+        with trio.fail_after(20):
+            seen = await wait_for_line(proc, b"started sleep 300")
+            pid = int(seen.split(b"(pid ")[1].split(b")")[0])
+            proc.send_signal(signal.SIGTERM)
+            status = await trio.to_thread.run_sync(proc.wait)
+        assert status == 0
+        assert not alive(pid) and not is_zombie(pid)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,174 @@
+"""pytest fixtures for testing WebSocket clients and servers with trio-bridge.
+
+Installed with the package (entry point ``pytest11: trio_bridge``), so a project that
+depends on trio-bridge has them without any import. They are Trio fixtures: the test
+suite needs pytest-trio (``trio_mode = true``, or ``@pytest.mark.trio`` on each test).
+Everything runs in-process on 127.0.0.1 ports chosen by the kernel, inside the test's
+``nursery``, and stops when the test ends. See docs/pytest-plugin.md.
+
+=========================  ===================================================================
+fixture                    gives
+=========================  ===================================================================
+``tcp_echo_target``        a TCP echo server: its :class:`~trio_bridge.TcpAddress`
+``start_ws_bridge``        ``await start_ws_bridge(target, record=None, **options)`` ->
+                           :class:`RunningBridge` (``.url``, ``.port``, ``.bridge``, ...)
+``ws_bridge_target``       the target ``ws_bridge_url`` relays to; override it in a conftest
+                           (default: ``tcp_echo_target``)
+``ws_bridge_url``          ``ws://127.0.0.1:PORT/`` of a bridge to ``ws_bridge_target``
+``start_replay_server``    ``await start_replay_server(recording, **options)`` -> a running
+                           :class:`~trio_bridge.replay.ReplayServer` (``.url``, ``.reports``)
+``replay_recording``       the recording ``replay_server_url`` serves; override it
+``replay_server_url``      ``ws://127.0.0.1:PORT/`` of a replay server for ``replay_recording``
+=========================  ===================================================================
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from .config import Address, Config, Limits, TcpAddress, UnixAddress
+from .recording import Recorder
+from .replay import ReplayServer
+from .server import Bridge
+
+TargetLike = Address | tuple[str, int] | str
+
+
+@dataclass
+class RunningBridge:
+    """A bridge serving on ``127.0.0.1:port`` for the rest of the test."""
+
+    bridge: Bridge
+    port: int
+    recorder: Recorder | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    async def recordings(self, count: int = 1) -> list[Path]:
+        """Wait until ``count`` sessions are completely recorded; their files, in order."""
+        if self.recorder is None:
+            raise RuntimeError("this bridge was started without record=")
+        return await self.recorder.wait_finished(count)
+
+
+def _address(target: TargetLike) -> Address:
+    if isinstance(target, TcpAddress | UnixAddress):
+        return target
+    if isinstance(target, tuple):
+        return TcpAddress(*target)
+    host, _, port = target.rpartition(":")
+    return TcpAddress(host.strip("[]"), int(port))
+
+
+def _config(target: Address, options: dict[str, Any]) -> Config:
+    """``Limits`` fields and ``Config`` fields may be mixed in one set of keywords."""
+    limit_names = {f.name for f in fields(Limits)}
+    limits = replace(Limits(), **{k: v for k, v in options.items() if k in limit_names})
+    rest = {k: v for k, v in options.items() if k not in limit_names}
+    return Config(target=target, limits=limits, **rest)
+
+
+async def _echo(stream: trio.SocketStream) -> None:
+    try:
+        async for chunk in stream:
+            await stream.send_all(chunk)
+    except trio.BrokenResourceError:
+        pass
+
+
+@pytest.fixture
+async def tcp_echo_target(nursery: trio.Nursery) -> TcpAddress:
+    """A TCP server on 127.0.0.1 that sends back everything it receives."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, _echo, listeners)
+    return TcpAddress("127.0.0.1", port)
+
+
+StartBridge = Callable[..., Awaitable[RunningBridge]]
+
+
+@pytest.fixture
+async def start_ws_bridge(nursery: trio.Nursery) -> StartBridge:
+    """``await start_ws_bridge(target, record=None, **options)``: a bridge on a free port.
+
+    ``target``: a :class:`TcpAddress`/:class:`UnixAddress`, ``(host, port)`` or
+    ``"host:port"``. ``record``: a folder to record every session in. ``options``: any
+    :class:`~trio_bridge.Config` or :class:`~trio_bridge.Limits` field
+    (``heartbeat=5``, ``max_message_size=1 << 16``, ``compression=True``, ...).
+    """
+
+    async def start(
+        target: TargetLike, *, record: str | Path | None = None, **options: Any
+    ) -> RunningBridge:
+        config = _config(_address(target), options)
+        recorder = None
+        if record is not None:
+            recorder = await nursery.start(Recorder(record).run)
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        port = listener.getsockname()[1]
+        bridge: Bridge = await nursery.start(Bridge(config, observers=recorder).serve, [listener])
+        return RunningBridge(bridge, port, recorder)
+
+    return start
+
+
+@pytest.fixture
+def ws_bridge_target(tcp_echo_target: TcpAddress) -> TargetLike:
+    """What ``ws_bridge_url`` relays to; override in a conftest.py for your own service."""
+    return tcp_echo_target
+
+
+@pytest.fixture
+async def ws_bridge_url(start_ws_bridge: StartBridge, ws_bridge_target: TargetLike) -> str:
+    """The ws:// URL of a bridge to ``ws_bridge_target`` (an echo server by default)."""
+    running = await start_ws_bridge(ws_bridge_target)
+    return running.url
+
+
+StartReplay = Callable[..., Awaitable[ReplayServer]]
+
+
+@pytest.fixture
+async def start_replay_server(nursery: trio.Nursery) -> StartReplay:
+    """``await start_replay_server(recording, **options)``: a running replay server.
+
+    ``options`` are :class:`~trio_bridge.replay.ReplayServer`'s: ``speed=``,
+    ``delay=False``, ``lockstep=True``, ... Its ``reports`` (and ``await
+    server.wait_reports(n)``) tell whether the client sent what the recording has.
+    """
+
+    async def start(recording: str | Path, **options: Any) -> ReplayServer:
+        server = ReplayServer(recording, **options)
+        await nursery.start(server.serve)
+        return server
+
+    return start
+
+
+@pytest.fixture
+def replay_recording() -> Path:
+    """The recording ``replay_server_url`` serves: override this fixture to name yours."""
+    pytest.fail(
+        "replay_server_url needs a recording: define a `replay_recording` fixture "
+        "returning its path (see docs/pytest-plugin.md)",
+        pytrace=False,
+    )
+
+
+@pytest.fixture
+async def replay_server_url(start_replay_server: StartReplay, replay_recording: Path) -> str:
+    """The ws:// URL of a replay server playing ``replay_recording``'s target side."""
+    server = await start_replay_server(replay_recording)
+    return server.url

@@ -1,0 +1,270 @@
+"""The session recorder: an :class:`~trio_bridge.observe.ObserverFactory` writing one file
+per session.
+
+::
+
+    recorder = Recorder("recordings")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.run)          # checks the folder, hosts the writers
+        bridge = await nursery.start(Bridge(config, observers=recorder).serve)
+        ...
+    # or: async with open_recorder("recordings") as recorder: ...
+
+Each session gets a :class:`SessionRecorder` (the observer, called synchronously by the
+relay) and a writer task in the recorder's nursery; the two share a bounded
+:class:`~trio_bridge.recording.buffer.EventBuffer`, so the relay never waits for the disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+from websockets.frames import Frame
+
+from .. import __version__
+from ..config import Config, StartupError
+from ..observe import Direction, SessionInfo
+from .buffer import EventBuffer
+from .format import FILE_SUFFIX, EndRecord, Kind, Meta, frame_flags
+from .writer import SessionWriter
+
+log = logging.getLogger("trio_bridge.recording")
+
+DEFAULT_BUFFER_LIMIT = 8 << 20  # per session
+DEFAULT_DRAIN_TIMEOUT = 10.0
+DEFAULT_FOLDER = "recordings"
+
+
+class RecordingFolderError(StartupError):
+    """The recording folder is missing or not writable (the CLI exits 1 with this line)."""
+
+
+def check_folder(folder: Path) -> Path:
+    """The folder, made absolute, after proving a file can be created in it.
+
+    A real probe file rather than ``os.access``: root passes every permission check
+    but still cannot write to a read-only or full file system.
+    """
+    if not folder.exists():
+        raise RecordingFolderError(
+            f"cannot record sessions: folder {folder} does not exist (create it first)"
+        )
+    if not folder.is_dir():
+        raise RecordingFolderError(f"cannot record sessions: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".trio-bridge-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RecordingFolderError(
+            f"cannot record sessions: folder {folder} is not writable ({exc.strerror or exc})"
+        ) from None
+    return folder.resolve()
+
+
+def default_folder(environ: Mapping[str, str] = os.environ) -> Path:
+    """``$STATE_DIRECTORY`` under systemd (``StateDirectory=``), else ``./recordings``."""
+    state = environ.get("STATE_DIRECTORY", "")
+    if state:
+        return Path(state.split(":")[0])
+    return Path(DEFAULT_FOLDER)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9.]+")
+
+
+def _name_part(text: str) -> str:
+    return _UNSAFE.sub("-", text).strip("-")[:80] or "unknown"
+
+
+def recording_name(info: SessionInfo) -> str:
+    """``<UTC start>_<session id>_<client>_<target>.tbrec``: sorting by name sorts by time.
+
+    Addresses are reduced to letters, digits, dots and dashes
+    (``127.0.0.1:5900`` -> ``127.0.0.1-5900``); the META record has them exactly.
+    """
+    stamp = datetime.fromtimestamp(info.started_wall, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    parts = (stamp, _name_part(info.session_id), _name_part(info.client), _name_part(info.target))
+    return "_".join(parts) + FILE_SUFFIX
+
+
+def options_from_config(config: Config) -> dict[str, Any]:
+    """The bridge settings worth keeping with a recording (META ``options``)."""
+    return {
+        "compression": config.compression,
+        "limits": dataclasses.asdict(config.limits),
+    }
+
+
+class SessionRecorder:
+    """The observer of one session: turns frames into queued records, never blocks."""
+
+    def __init__(self, info: SessionInfo, path: Path, buffer: EventBuffer) -> None:
+        self.info = info
+        self.path = path
+        self.buffer = buffer
+        self._t0 = time.monotonic_ns()
+        self._warned = False
+
+    def _now_us(self) -> int:
+        return (time.monotonic_ns() - self._t0) // 1000
+
+    def on_frame(self, direction: Direction, frame: Frame) -> None:
+        data = frame.data
+        if type(data) is not bytes:
+            data = bytes(data)  # the relay may reuse its buffer once we return
+        flags = frame_flags(direction, frame.fin)
+        accepted = self.buffer.put(int(frame.opcode), flags, self._now_us(), data)
+        if not accepted and not self._warned:
+            self._warned = True
+            log.warning(
+                "session %s: recording buffer full (%d bytes): dropping events until "
+                "the disk catches up; the gap is marked in %s",
+                self.info.session_id,
+                self.buffer.limit,
+                self.path,
+            )
+
+    def on_end(self, close_code: int | None, close_reason: str, closed_by: str) -> None:
+        end = EndRecord(self._now_us(), close_code, close_reason, closed_by)
+        self.buffer.close((Kind.END, 0, end.time_us, end.encode()))
+
+
+class Recorder:
+    """Records every session of a bridge to its own file in ``folder``.
+
+    ``run()`` must be running (in a nursery) while sessions open; it returns after
+    :meth:`close` once every writer has finished, or ``drain_timeout`` later.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        options: Mapping[str, Any] | None = None,
+        buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    ) -> None:
+        self.folder = Path(folder)
+        self.options = dict(options or {})
+        self.buffer_limit = buffer_limit
+        self.drain_timeout = drain_timeout
+        #: Recordings whose writer is done with them (complete, or given up on), in the
+        #: order they finished.
+        self.finished: list[Path] = []
+        self._nursery: trio.Nursery | None = None
+        self._writers: set[SessionWriter] = set()
+        self._closing = trio.Event()
+        self._changed = trio.Event()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Recorder] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Check the folder (raising :class:`RecordingFolderError`), then host the writers."""
+        self.folder = await trio.to_thread.run_sync(check_folder, self.folder)
+        log.info("recording sessions to %s", self.folder)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started(self)
+                await self._closing.wait()
+                with trio.move_on_after(self.drain_timeout):
+                    while self._writers:
+                        await self._wait_change()
+                if self._writers:
+                    log.warning(
+                        "%d recording(s) still being written after %g s; stopping them",
+                        len(self._writers),
+                        self.drain_timeout,
+                    )
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+
+    def close(self) -> None:
+        """Finish: ``run()`` returns when the open recordings are written."""
+        self._closing.set()
+
+    def open(self, info: SessionInfo) -> SessionRecorder | None:
+        if self._nursery is None:
+            log.warning("session %s: not recorded: the recorder is not running", info.session_id)
+            return None
+        path = self.folder / recording_name(info)
+        buffer = EventBuffer(self.buffer_limit)
+        meta = Meta(
+            session_id=info.session_id,
+            client=info.client,
+            target=info.target,
+            path=info.path,
+            subprotocol=info.subprotocol,
+            started=info.started_wall,
+            options=self.options,
+            writer=f"trio-bridge {__version__}",
+        )
+        meta_entry = (Kind.META, 0, 0, meta.encode())
+        writer = SessionWriter(info.session_id, path, meta_entry, buffer, self._writer_done)
+        self._writers.add(writer)
+        self._nursery.start_soon(writer.run, name=f"recording {info.session_id}")
+        log.debug("session %s: recording to %s", info.session_id, path)
+        return SessionRecorder(info, path, buffer)
+
+    async def wait_finished(self, count: int) -> list[Path]:
+        """Wait until ``count`` recordings are finished (see :attr:`finished`)."""
+        while len(self.finished) < count:
+            await self._wait_change()
+        return self.finished[:count]
+
+    def _writer_done(self, writer: SessionWriter) -> None:
+        self._writers.discard(writer)
+        if writer.created:
+            self.finished.append(writer.path)
+        self._changed.set()
+
+    async def _wait_change(self) -> None:
+        changed = self._changed
+        await changed.wait()
+        if self._changed is changed:
+            self._changed = trio.Event()
+
+
+@asynccontextmanager
+async def running_recorder(recorder: Recorder | None) -> AsyncIterator[Recorder | None]:
+    """Run ``recorder`` (if any) for the body; on exit, wait for its files to be written.
+
+    Raises :class:`RecordingFolderError` on entry when the folder is unusable.
+    """
+    if recorder is None:
+        yield None
+        return
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.run)
+        try:
+            yield recorder
+        finally:
+            recorder.close()
+
+
+@asynccontextmanager
+async def open_recorder(folder: str | Path, **kwargs: Any) -> AsyncIterator[Recorder]:
+    """``async with open_recorder("recordings") as recorder:`` a running :class:`Recorder`."""
+    recorder = Recorder(folder, **kwargs)
+    async with running_recorder(recorder):
+        yield recorder
+
+
+def recorder_for(config: Config) -> Recorder | None:
+    """The recorder ``config.record`` asks for (not yet running), or None."""
+    if config.record is None:
+        return None
+    return Recorder(config.record, options=options_from_config(config))

@@ -1,0 +1,28 @@
+"""trio-bridge-replay: show, serve, drive and export session recordings (docs/replay.md).
+
+Public API (the command line is built on it)::
+
+    from trio_bridge.replay import ReplayServer, drive
+
+    server = ReplayServer("session.tbrec", lockstep=True)
+    await nursery.start(server.serve)             # ws://127.0.0.1:{server.port}/
+    report = await drive("session.tbrec", target=TcpAddress("127.0.0.1", 5900))
+    assert report.ok, "\\n".join(report.lines())
+"""
+
+from .drive import Divergence, DriveReport, drive
+from .export import export_websockify
+from .serve import Difference, ReplayServer, ServeReport
+from .timeline import PayloadView, print_timeline
+
+__all__ = [
+    "Difference",
+    "Divergence",
+    "DriveReport",
+    "PayloadView",
+    "ReplayServer",
+    "ServeReport",
+    "drive",
+    "export_websockify",
+    "print_timeline",
+]

@@ -1,0 +1,297 @@
+"""The ``trio-bridge-replay`` command line (docs/replay.md).
+
+    trio-bridge-replay [show] FILE [--full | --no-payload] [--filter up|down]
+    trio-bridge-replay serve FILE [--listen [HOST:]PORT] [--speed X] [--no-delay]
+                             [--lockstep] [--once]
+    trio-bridge-replay drive FILE (--target HOST:PORT | --url ws://...) [--speed X] [--no-delay]
+    trio-bridge-replay export --format websockify FILE [-o OUT]
+
+Exit status, as diff(1): 0 the recording reads completely / the live side matched;
+1 it did not (file cut or damaged, client or server different); 2 trouble (usage, a
+file that is not a recording, a server that cannot be reached). Every error is one
+line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn, TextIO
+
+import trio
+
+from .. import __version__
+from ..config import ConfigError, TcpAddress, parse_host_port
+from ..observe import Direction
+from ..recording import RecordingError, open_recording
+from .drive import DriveReport, drive
+from .export import export_websockify
+from .progress import Progress
+from .serve import ReplayServer, ServeReport
+from .timeline import PayloadView, print_timeline
+
+PROG = "trio-bridge-replay"
+COMMANDS = ("show", "serve", "drive", "export")
+SAME, DIFFERENT, TROUBLE = 0, 1, 2
+
+
+class Trouble(Exception):
+    """Ends the program with status 2 and this one-line message."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(TROUBLE, f"{self.prog}: error: {message} (see {PROG} --help)\n")
+
+
+def _speed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
+        prog=PROG,
+        description="Show, replay and export trio-bridge session recordings.",
+        epilog="Without a command, FILE is shown as a timeline. See docs/replay.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    show = commands.add_parser("show", help="print the session as a timeline (the default)")
+    show.add_argument("file", type=Path)
+    view = show.add_mutually_exclusive_group()
+    view.add_argument("--full", action="store_true", help="every payload in full")
+    view.add_argument("--no-payload", action="store_true", help="no payload previews")
+    show.add_argument(
+        "--filter", choices=["up", "down"], help="only frames client->target (up) or back (down)"
+    )
+
+    def pacing(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--speed", type=_speed, default=1.0, help="play X times faster")
+        sub.add_argument("--no-delay", action="store_true", help="ignore the recorded timing")
+
+    serve = commands.add_parser("serve", help="play the target's side to WebSocket clients")
+    serve.add_argument("file", type=Path)
+    serve.add_argument(
+        "--listen", default="127.0.0.1:6080", metavar="[HOST:]PORT", help="default 127.0.0.1:6080"
+    )
+    pacing(serve)
+    serve.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="wait for each recorded client message before moving on",
+    )
+    serve.add_argument(
+        "--once", action="store_true", help="serve one client, exit 0 if it matched, 1 if not"
+    )
+
+    drive_cmd = commands.add_parser("drive", help="play the client's side against a server")
+    drive_cmd.add_argument("file", type=Path)
+    where = drive_cmd.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", metavar="HOST:PORT", help="the TCP service itself")
+    where.add_argument("--url", metavar="ws://...", help="a WebSocket server or bridge")
+    pacing(drive_cmd)
+    drive_cmd.add_argument(
+        "--timeout",
+        type=_speed,
+        default=10.0,
+        metavar="S",
+        help="longest wait for the server's answer or close (default 10)",
+    )
+
+    export = commands.add_parser("export", help="convert to another recording format")
+    export.add_argument("file", type=Path)
+    export.add_argument("--format", choices=["websockify"], required=True)
+    export.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
+    return parser
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    view = PayloadView.FULL if args.full else PayloadView.PREVIEW
+    if args.no_payload:
+        view = PayloadView.NONE
+    only = {"up": Direction.UP, "down": Direction.DOWN}.get(args.filter or "")
+    # The timeline itself shows progress on a terminal; a bar only helps when it goes elsewhere.
+    progress = Progress(f"reading {args.file}", _file_size(args.file))
+    progress.enabled = progress.enabled and not sys.stdout.isatty()
+    with open_recording(args.file) as reader:
+        try:
+            status = print_timeline(
+                reader, sys.stdout, view=view, only=only, on_progress=progress.update
+            )
+        finally:
+            progress.finish()
+    if not status.complete:
+        print(f"{PROG}: {args.file}: {status.describe()}", file=sys.stderr)
+        return DIFFERENT
+    return SAME
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    progress = Progress(f"exporting {args.file}", _file_size(args.file))
+    with open_recording(args.file) as reader:
+        out: TextIO
+        with _Output(args.output) as out:
+            try:
+                count = export_websockify(reader, out, on_progress=progress.update)
+            finally:
+                progress.finish()
+    assert reader.status is not None
+    print(f"{PROG}: exported {count} messages", file=sys.stderr)
+    if not reader.status.complete:
+        print(f"{PROG}: {args.file}: {reader.status.describe()}", file=sys.stderr)
+        return DIFFERENT
+    return SAME
+
+
+class _Output:
+    """stdout, or a file written under a temporary name and renamed when complete."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._temp = path.with_name(f".{path.name}.part") if path is not None else None
+        self._file: TextIO | None = None
+
+    def __enter__(self) -> TextIO:
+        if self._temp is None:
+            return sys.stdout
+        self._file = open(self._temp, "w", encoding="ascii")
+        return self._file
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._file is None or self._temp is None or self.path is None:
+            return
+        self._file.close()
+        if exc_type is None:
+            os.replace(self._temp, self.path)
+        else:
+            self._temp.unlink(missing_ok=True)
+
+
+def _progress_callback(progress: Progress) -> Callable[[int, float], None]:
+    def update(position: int, seconds: float) -> None:
+        progress.update(position, f"{seconds:.1f} s played")
+
+    return update
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        listen = parse_host_port(args.listen, "--listen", default_host="127.0.0.1")
+    except ConfigError as exc:
+        raise Trouble(str(exc)) from None
+    progress = Progress(f"replaying {args.file}", _file_size(args.file))
+
+    def report(result: ServeReport) -> None:
+        progress.finish()
+        for line in result.lines():
+            print(line, flush=True)
+
+    server = ReplayServer(
+        args.file,
+        speed=args.speed,
+        delay=not args.no_delay,
+        lockstep=args.lockstep,
+        on_report=report,
+        on_progress=lambda client, position, seconds: progress.update(
+            position, f"{client}, {seconds:.1f} s"
+        ),
+    )
+    meta = server.meta
+
+    async def run() -> None:
+        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+        bound = TcpAddress(listen.host, listeners[0].socket.getsockname()[1])
+        print(
+            f"serving session {meta.session_id} ({meta.client} -> {meta.target}) on ws://{bound}/",
+            flush=True,
+        )
+        await server.serve_listeners(listeners, once=args.once)
+
+    try:
+        trio.run(run)
+    except OSError as exc:
+        raise Trouble(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    if args.once:
+        return SAME if server.reports and server.reports[0].ok else DIFFERENT
+    return SAME
+
+
+def cmd_drive(args: argparse.Namespace) -> int:
+    target = None
+    if args.target is not None:
+        try:
+            target = parse_host_port(args.target, "--target")
+        except ConfigError as exc:
+            raise Trouble(str(exc)) from None
+    progress = Progress(f"driving {args.file}", _file_size(args.file))
+    try:
+        report: DriveReport = trio.run(
+            lambda: drive(
+                args.file,
+                target=target,
+                url=args.url,
+                speed=args.speed,
+                delay=not args.no_delay,
+                timeout=args.timeout,
+                on_progress=_progress_callback(progress),
+            )
+        )
+    finally:
+        progress.finish()
+    for line in report.lines():
+        print(line)
+    if report.error:
+        raise Trouble(report.error)
+    return SAME if report.ok else DIFFERENT
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "show": cmd_show,
+    "serve": cmd_serve,
+    "drive": cmd_drive,
+    "export": cmd_export,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "show")  # trio-bridge-replay FILE
+    args = build_parser().parse_args(argv)
+    try:
+        return HANDLERS[args.command](args)
+    except (RecordingError, Trouble) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):  # e.g. | head: the reader has seen enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return SAME
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{PROG}: {where}{exc.strerror or exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return TROUBLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""``drive``: play a recording's client side against a live server and compare.
+
+Two ways in:
+
+- ``target`` (HOST:PORT): straight to the TCP service the bridge relayed to; the
+  recorded client messages are sent as raw bytes.
+- ``url`` (ws://...): through a WebSocket server (a bridge, or the real thing); the
+  recorded client frames are sent as frames (same kinds, same fragmentation).
+
+Either way the server's answer is compared with the recorded target->client data as one
+byte stream: TCP keeps no message boundaries and a bridge cuts its frames wherever its
+reads happened to end, so boundaries are not the server's behaviour, bytes are.
+
+Pacing: before each recorded client message, the driver waits until the server has
+sent at least as much as the recorded client had seen at that moment (the recording's
+causality), then keeps the recorded time since the previous sync point unless
+``delay=False``. The session then ends the way the recorded one did.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from ..config import TcpAddress
+from ..observe import Direction
+from ..recording import FrameRecord, GapRecord, Kind, open_recording
+from .preview import hexdump
+from .wsio import HandshakeFailed, WsEndpoint, close_payload, connect
+
+log = logging.getLogger("trio_bridge.replay")
+
+MAX_DIVERGENCES = 5
+CONTEXT = 16
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where the received stream first differs from the recorded one, in a run of bytes."""
+
+    offset: int  # byte offset in the target->client stream
+    expected: bytes
+    got: bytes
+    recorded_at_us: int  # time of the recorded frame holding the expected byte
+    record_offset: int  # file offset of that frame's record
+
+    def lines(self) -> list[str]:
+        where = (
+            f"@@ target->client byte {self.offset} (recorded at "
+            f"{self.recorded_at_us / 1e6:.3f} s, record at file offset {self.record_offset}) @@"
+        )
+        lines = [where]
+        lines += hexdump(self.expected, self.offset, "- ")
+        lines += hexdump(self.got, self.offset, "+ ") if self.got else ["+ (nothing)"]
+        return lines
+
+
+class StreamComparison:
+    """Compares received bytes, as they arrive, with a recording's target->client data."""
+
+    def __init__(self, expected: Iterator[FrameRecord]) -> None:
+        self._expected = expected
+        self._current: FrameRecord | None = None
+        self._position = 0  # within the current frame's payload
+        self.compared = 0  # bytes received and compared so far
+        self.divergences: list[Divergence] = []
+        self.more_divergences = False
+        self.extra = b""  # the first bytes received beyond the recording
+        self.extra_count = 0
+        self._in_divergence = False
+        self._received = trio.Event()
+
+    def _next_expected(self) -> FrameRecord | None:
+        while self._current is None or self._position >= len(self._current.payload):
+            self._current = next(self._expected, None)
+            self._position = 0
+            if self._current is None:
+                return None
+        return self._current
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            frame = self._next_expected()
+            if frame is None:
+                if not self.extra_count:
+                    self.extra = bytes(view[:CONTEXT])
+                self.extra_count += len(view)
+                break
+            n = min(len(view), len(frame.payload) - self._position)
+            expected = frame.payload[self._position : self._position + n]
+            got = view[:n]
+            if expected == got:
+                self._in_divergence = False
+            else:
+                self._scan(frame, expected, bytes(got))
+            self._position += n
+            self.compared += n
+            view = view[n:]
+        self._received.set()
+        self._received = trio.Event()
+
+    def _scan(self, frame: FrameRecord, expected: bytes, got: bytes) -> None:
+        """Record each run of differing bytes (only the first few are kept)."""
+        if len(self.divergences) >= MAX_DIVERGENCES:
+            self.more_divergences = True
+            return
+        for i, (a, b) in enumerate(zip(expected, got, strict=True)):
+            if a == b:
+                self._in_divergence = False
+                continue
+            if self._in_divergence:
+                continue
+            self._in_divergence = True
+            if len(self.divergences) >= MAX_DIVERGENCES:
+                self.more_divergences = True
+                return
+            self.divergences.append(
+                Divergence(
+                    offset=self.compared + i,
+                    expected=expected[i : i + CONTEXT],
+                    got=got[i : i + CONTEXT],
+                    recorded_at_us=frame.time_us,
+                    record_offset=frame.offset,
+                )
+            )
+
+    def missing(self) -> tuple[int, Divergence | None]:
+        """After the end: recorded bytes never received (count, and where they start)."""
+        frame = self._next_expected()
+        if frame is None:
+            return 0, None
+        rest = frame.payload[self._position :]
+        first = Divergence(self.compared, rest[:CONTEXT], b"", frame.time_us, frame.offset)
+        count = len(rest)
+        self._current = None
+        for more in self._expected:
+            count += len(more.payload)
+        return count, first
+
+    async def wait_for(self, count: int) -> None:
+        """Until ``count`` bytes have been received (the caller bounds the time)."""
+        while self.compared + self.extra_count < count:
+            await self._received.wait()
+
+
+@dataclass
+class DriveReport:
+    """The outcome of one drive: matched, or the first divergences."""
+
+    recording: str
+    against: str
+    sent_messages: int = 0
+    expected_bytes: int = 0
+    received_bytes: int = 0
+    divergences: list[Divergence] = field(default_factory=list)
+    more_divergences: bool = False
+    missing_bytes: int = 0
+    missing_at: Divergence | None = None
+    extra_bytes: int = 0
+    extra_preview: bytes = b""
+    close_problem: str = ""
+    stalls: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.error
+            or self.divergences
+            or self.more_divergences
+            or self.missing_bytes
+            or self.extra_bytes
+            or self.close_problem
+        )
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"--- {self.recording} (recorded target->client, {self.expected_bytes} bytes)",
+            f"+++ {self.against} (received, {self.received_bytes} bytes)",
+        ]
+        if self.error:
+            lines.append(f"error: {self.error}")
+        for divergence in self.divergences:
+            lines += divergence.lines()
+        if self.more_divergences:
+            lines.append(f"... more divergences after the first {len(self.divergences)}")
+        if self.missing_at is not None:
+            lines += self.missing_at.lines()
+            lines.append(f"the server sent {self.missing_bytes} bytes fewer than the recording")
+        if self.extra_bytes:
+            lines.append(f"@@ {self.extra_bytes} bytes beyond the end of the recording @@")
+            lines += hexdump(self.extra_preview, self.expected_bytes, "+ ")
+        if self.close_problem:
+            lines.append(f"close: {self.close_problem}")
+        lines += [f"note: {note}" for note in self.stalls + self.notes]
+        summary = "same as the recording" if self.ok else "DIFFERENT from the recording"
+        lines.append(f"result: {summary} ({self.sent_messages} client messages sent)")
+        return lines
+
+
+class _Connection:
+    """The live server, over TCP or WebSocket: send recorded client frames, read data."""
+
+    def __init__(self, ws: WsEndpoint | None, tcp: trio.SocketStream | None) -> None:
+        self.ws = ws
+        self.tcp = tcp
+        self.eof = trio.Event()
+        self.close_got: tuple[int | None, str] | None = None
+
+    async def send(self, record: FrameRecord) -> bool:
+        if self.ws is not None:
+            return await self.ws.send(record.kind, record.payload, record.fin)
+        assert self.tcp is not None
+        if record.kind is Kind.CLOSE:
+            await self.tcp.send_eof()
+        elif record.is_data and record.payload:
+            try:
+                await self.tcp.send_all(record.payload)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+        return True
+
+    async def receive_into(self, comparison: StreamComparison) -> None:
+        try:
+            if self.ws is not None:
+                while (frame := await self.ws.receive()) is not None:
+                    if frame.opcode.value in (Kind.TEXT, Kind.BINARY, Kind.CONT):
+                        comparison.feed(bytes(frame.data))
+                self.close_got = self.ws.close_received()
+            else:
+                assert self.tcp is not None
+                while True:
+                    try:
+                        data = await self.tcp.receive_some(65536)
+                    except trio.BrokenResourceError:
+                        data = b""
+                    if not data:
+                        break
+                    comparison.feed(data)
+        finally:
+            self.eof.set()
+
+    async def aclose(self) -> None:
+        if self.ws is not None:
+            await self.ws.aclose()
+        elif self.tcp is not None:
+            await trio.aclose_forcefully(self.tcp)
+
+
+async def drive(
+    recording: str | Path,
+    *,
+    target: TcpAddress | None = None,
+    url: str | None = None,
+    speed: float = 1.0,
+    delay: bool = True,
+    timeout: float = 10.0,
+    on_progress: Callable[[int, float], None] | None = None,
+) -> DriveReport:
+    """Drive ``target`` or ``url`` with the recorded client side; see the module doc.
+
+    ``timeout`` bounds each wait for the server (its answer, its close).
+    """
+    if (target is None) == (url is None):
+        raise ValueError("give exactly one of target= and url=")
+    path = Path(recording)
+    with open_recording(path) as reader:
+        meta = reader.meta
+    report = DriveReport(str(path), url or str(target))
+    try:
+        connection = await _open(target, url, meta.subprotocol, timeout)
+    except HandshakeFailed as exc:
+        report.error = str(exc)
+        return report
+    with open_recording(path) as expected_reader:
+        expected = (
+            r
+            for r in expected_reader
+            if isinstance(r, FrameRecord) and r.direction is Direction.DOWN and r.is_data
+        )
+        comparison = StreamComparison(expected)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(connection.receive_into, comparison)
+                await _play_client(
+                    path, connection, comparison, report, speed, delay, timeout, on_progress
+                )
+                nursery.cancel_scope.cancel()
+        finally:
+            await connection.aclose()
+        report.received_bytes = comparison.compared + comparison.extra_count
+        report.divergences = comparison.divergences
+        report.more_divergences = comparison.more_divergences
+        report.extra_bytes = comparison.extra_count
+        report.extra_preview = comparison.extra
+        report.missing_bytes, report.missing_at = comparison.missing()
+        report.expected_bytes = comparison.compared + report.missing_bytes
+    return report
+
+
+async def _open(
+    target: TcpAddress | None, url: str | None, subprotocol: str | None, timeout: float
+) -> _Connection:
+    if url is not None:
+        subprotocols = [subprotocol] if subprotocol else []
+        return _Connection(await connect(url, subprotocols=subprotocols, timeout=timeout), None)
+    assert target is not None
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(target.host, target.port)
+    except (OSError, trio.TooSlowError) as exc:
+        raise HandshakeFailed(f"cannot connect to {target}: {exc or 'timed out'}") from None
+    return _Connection(None, stream)
+
+
+async def _play_client(
+    path: Path,
+    connection: _Connection,
+    comparison: StreamComparison,
+    report: DriveReport,
+    speed: float,
+    delay: bool,
+    timeout: float,
+    on_progress: Callable[[int, float], None] | None,
+) -> None:
+    anchor = trio.current_time()
+    seen_down = 0  # recorded target->client bytes before the current point
+    recorded_close: tuple[int | None, str] | None = None  # closed by the server side
+    client_closed = False
+    with open_recording(path) as reader:
+        for record in reader:
+            if isinstance(record, GapRecord):
+                report.notes.append(
+                    f"the recording has a gap at {record.time_us / 1e6:.3f} s "
+                    f"({record.total_frames} frames lost: {record.reason}); "
+                    "divergences after it may come from the recording"
+                )
+                continue
+            if not isinstance(record, FrameRecord):
+                continue
+            if record.direction is Direction.DOWN:
+                if record.is_data:
+                    seen_down += len(record.payload)
+                elif record.kind is Kind.CLOSE and not client_closed:
+                    recorded_close = close_payload(record.payload)
+                continue
+            if record.kind is Kind.PONG:
+                continue  # answers to the recorded server's pings; ours answer live ones
+            seconds = record.time_us / 1e6
+            if not report.stalls and not await _wait_for_server(
+                comparison, connection, seen_down, timeout
+            ):
+                report.stalls.append(
+                    f"before the client message at {seconds:.3f} s: waited {timeout:g} s for "
+                    f"the server's first {seen_down} bytes, got {comparison.compared}; "
+                    "later messages were sent without waiting"
+                )
+            now = trio.current_time()
+            anchor = max(anchor, now - seconds / speed)  # keep spacing after a sync point
+            if delay:
+                await trio.sleep_until(anchor + seconds / speed)
+            if connection.eof.is_set() or not await connection.send(record):
+                report.notes.append(
+                    f"the server closed the connection before the client message at "
+                    f"{seconds:.3f} s"
+                )
+                break
+            if record.kind is Kind.CLOSE:
+                client_closed = True
+            elif record.is_data and record.fin:
+                report.sent_messages += 1
+            if on_progress is not None:
+                on_progress(reader.position, trio.current_time() - anchor)
+    await _wait_for_server(comparison, connection, seen_down, timeout)
+    await _end_like_recording(connection, recorded_close, client_closed, report, timeout)
+
+
+async def _wait_for_server(
+    comparison: StreamComparison, connection: _Connection, count: int, timeout: float
+) -> bool:
+    """True when the server has sent ``count`` bytes (False: timeout or it closed)."""
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as nursery:
+
+            async def stop_at_eof() -> None:
+                await connection.eof.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_at_eof)
+            await comparison.wait_for(count)
+            nursery.cancel_scope.cancel()
+    return comparison.compared + comparison.extra_count >= count
+
+
+async def _end_like_recording(
+    connection: _Connection,
+    recorded_close: tuple[int | None, str] | None,
+    client_closed: bool,
+    report: DriveReport,
+    timeout: float,
+) -> None:
+    """Let the session end as the recorded one did, and compare how it ended."""
+    if client_closed:
+        with trio.move_on_after(timeout):
+            await connection.eof.wait()
+        return
+    if recorded_close is None:
+        return  # the recording stops mid-session: nothing to compare
+    with trio.move_on_after(timeout):
+        await connection.eof.wait()
+    if not connection.eof.is_set():
+        report.close_problem = (
+            f"the server did not close within {timeout:g} s; in the recording it closed "
+            f"with {_describe_close(recorded_close)}"
+        )
+        return
+    if connection.ws is not None:
+        got = connection.close_got
+        if got is None or got[0] != recorded_close[0]:
+            got_text = _describe_close(got) if got is not None else "no close frame"
+            report.close_problem = f"recorded {_describe_close(recorded_close)}, got {got_text}"
+        elif got[1] != recorded_close[1]:
+            report.notes.append(
+                f"same close code, another reason: recorded {recorded_close[1]!r}, got {got[1]!r}"
+            )
+
+
+def _describe_close(close: tuple[int | None, str]) -> str:
+    code, reason = close
+    return f"close {code if code is not None else '(no code)'} {reason!r}"

@@ -1,0 +1,330 @@
+"""``serve``: play a recording's target side to WebSocket clients.
+
+For each connecting client, after the handshake, the recorded target->client frames
+are sent with the recorded timing (scaled by ``speed``, or none with ``delay=False``);
+with ``lockstep`` the player also waits, wherever the recorded client sent a message,
+until the live client has sent its message too, and keeps the recorded spacing from
+there. Meanwhile every message the client sends is compared with the recording's, in
+order, and the differences are reported.
+
+The recording is streamed twice (one reader plays, one compares), never loaded, so a
+long recording costs no memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from ..observe import Direction
+from ..recording import FrameRecord, Kind, open_recording
+from .messages import Message, MessageAssembler, recorded_messages
+from .preview import describe_payload
+from .wsio import HandshakeFailed, WsEndpoint, accept
+
+log = logging.getLogger("trio_bridge.replay")
+
+MAX_LISTED_DIFFERENCES = 20
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A client message that is not the recorded one (``None``: missing or extra)."""
+
+    index: int
+    expected: Message | None
+    got: Message | None
+    at: float  # seconds since the live session started
+
+    def describe(self) -> str:
+        if self.expected is None:
+            assert self.got is not None
+            return (
+                f"client message #{self.index} at {self.at:.3f} s is extra (the recording "
+                f"has fewer): {describe_payload(self.got.payload, text=self.got.text)}"
+            )
+        recorded = f"recorded at {self.expected.time_us / 1e6:.3f} s"
+        expected = describe_payload(self.expected.payload, text=self.expected.text)
+        if self.got is None:
+            return f"client message #{self.index} ({recorded}) never came: expected {expected}"
+        got = describe_payload(self.got.payload, text=self.got.text)
+        return (
+            f"client message #{self.index} at {self.at:.3f} s ({recorded}) differs:\n"
+            f"    expected {expected}\n    got      {got}"
+        )
+
+
+@dataclass
+class ServeReport:
+    """What happened with one client."""
+
+    client: str
+    sent_frames: int = 0
+    client_messages: int = 0
+    matched: int = 0
+    expected_messages: int = 0
+    differences: list[Difference] = field(default_factory=list)
+    more_differences: int = 0
+    played_to_end: bool = False
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.played_to_end and not self.differences and not self.more_differences
+
+    def lines(self) -> list[str]:
+        head = (
+            f"client {self.client}: sent {self.sent_frames} recorded frames; "
+            f"{self.matched} of {self.expected_messages} recorded client messages matched "
+            f"({self.client_messages} received)"
+        )
+        lines = [head + (f"; {self.note}" if self.note else "")]
+        lines += [difference.describe() for difference in self.differences]
+        if self.more_differences:
+            lines.append(f"... and {self.more_differences} more differences")
+        lines.append(f"client {self.client}: {'OK' if self.ok else 'DIFFERENT'}")
+        return lines
+
+
+class _ClientProgress:
+    """How many messages the live client has sent; the lockstep player waits on it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.done = False  # the connection is over: no more messages will come
+        self._changed = trio.Event()
+
+    def advance(self) -> None:
+        self.count += 1
+        self._notify()
+
+    def finish(self) -> None:
+        self.done = True
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, count: int) -> bool:
+        """True once ``count`` messages arrived; False if the connection ended first."""
+        while self.count < count:
+            if self.done:
+                return False
+            await self._changed.wait()
+        return True
+
+
+class ReplayServer:
+    """Serves one recording to every client that connects (one at a time or many)."""
+
+    def __init__(
+        self,
+        recording: str | Path,
+        *,
+        speed: float = 1.0,
+        delay: bool = True,
+        lockstep: bool = False,
+        close_timeout: float = 5.0,
+        handshake_timeout: float = 10.0,
+        on_report: Callable[[ServeReport], None] | None = None,
+        on_progress: Callable[[str, int, float], None] | None = None,
+    ) -> None:
+        if speed <= 0:
+            raise ValueError("speed must be greater than 0")
+        self.recording = Path(recording)
+        with open_recording(self.recording) as reader:  # fail now on a bad file
+            self.meta = reader.meta
+        self.speed = speed
+        self.delay = delay
+        self.lockstep = lockstep
+        self.close_timeout = close_timeout
+        self.handshake_timeout = handshake_timeout
+        self.on_report = on_report
+        self.on_progress = on_progress
+        self.reports: list[ServeReport] = []
+        self.port = 0
+        self._report_added = trio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        once: bool = False,
+        task_status: trio.TaskStatus[ReplayServer] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port`` (0: a free port, see :attr:`port`) and serve clients."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        await self.serve_listeners(listeners, once=once, task_status=task_status)
+
+    async def serve_listeners(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        once: bool = False,
+        task_status: trio.TaskStatus[ReplayServer] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve clients on ``listeners``; with ``once``, return after the first session."""
+        self.port = listeners[0].socket.getsockname()[1]
+        if once:
+            task_status.started(self)
+            stream = await listeners[0].accept()
+            for listener in listeners:
+                await listener.aclose()
+            await self.handle(stream)
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, self.handle, listeners)
+            task_status.started(self)
+
+    async def wait_reports(self, count: int) -> list[ServeReport]:
+        while len(self.reports) < count:
+            await self._report_added.wait()
+            self._report_added = trio.Event()
+        return self.reports[:count]
+
+    async def handle(self, stream: trio.SocketStream) -> ServeReport | None:
+        """Serve one client connection to the end; returns its report."""
+        host, port = stream.socket.getpeername()[:2]
+        peer = f"{host}:{port}"
+        try:
+            ws = await accept(
+                stream,
+                peer,
+                subprotocol=self.meta.subprotocol,
+                timeout=self.handshake_timeout,
+            )
+        except HandshakeFailed as exc:
+            log.warning("client %s: %s", peer, exc)
+            await trio.aclose_forcefully(stream)
+            return None
+        report = ServeReport(peer)
+        progress = _ClientProgress()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._compare, ws, report, progress)
+                await self._play(ws, report, progress)
+                await self._finish(ws)
+                nursery.cancel_scope.deadline = trio.current_time() + self.close_timeout
+        finally:
+            await ws.aclose()
+        self.reports.append(report)
+        self._report_added.set()
+        if self.on_report is not None:
+            self.on_report(report)
+        return report
+
+    # -- playing the target's side --------------------------------------------------------
+
+    async def _play(self, ws: WsEndpoint, report: ServeReport, progress: _ClientProgress) -> None:
+        anchor = trio.current_time()
+        client_messages = 0
+        client_closed_first = False
+        with open_recording(self.recording) as reader:
+            assembler = MessageAssembler()
+            for record in reader:
+                if not isinstance(record, FrameRecord):
+                    continue
+                if record.direction is Direction.UP:
+                    if record.kind is Kind.CLOSE:
+                        client_closed_first = True
+                    if assembler.feed(record.kind, record.fin, record.payload) is None:
+                        continue
+                    client_messages += 1
+                    if self.lockstep:
+                        if not await progress.wait_for(client_messages):
+                            report.note = "the client closed the connection early"
+                            return
+                        anchor = trio.current_time() - record.time_us / 1e6 / self.speed
+                    continue
+                if record.kind is Kind.PONG:
+                    continue  # answers to the recorded client's pings; ours answer live ones
+                if self.delay:
+                    await trio.sleep_until(anchor + record.time_us / 1e6 / self.speed)
+                if record.kind is Kind.CLOSE and client_closed_first:
+                    # The recorded close was the echo of the client's: wait for this one's.
+                    with trio.move_on_after(self.close_timeout):
+                        await ws.peer_closing.wait()
+                    report.played_to_end = True
+                    return
+                if ws.peer_closing.is_set() or not await ws.send(
+                    record.kind, record.payload, record.fin
+                ):
+                    report.note = "the client closed the connection before the recording ended"
+                    return
+                report.sent_frames += 1
+                if self.on_progress is not None:
+                    self.on_progress(ws.peer, reader.position, trio.current_time() - anchor)
+                if record.kind is Kind.CLOSE:
+                    report.played_to_end = True
+                    return
+            report.played_to_end = True
+            if reader.status is not None and not reader.status.complete:
+                report.note = f"the recording is {reader.status.describe()}"
+
+    async def _finish(self, ws: WsEndpoint) -> None:
+        """End the session: close if the recording did not, then wait for the client."""
+        if not ws.peer_closing.is_set():
+            await ws.close(1000, "end of recording")
+        with trio.move_on_after(self.close_timeout):
+            await ws.closed.wait()
+
+    # -- comparing the client's side ------------------------------------------------------
+
+    async def _compare(
+        self, ws: WsEndpoint, report: ServeReport, progress: _ClientProgress
+    ) -> None:
+        with open_recording(self.recording) as reader:
+            expected = recorded_messages(reader, Direction.UP)
+            try:
+                await self._compare_messages(ws, report, progress, expected)
+            finally:
+                progress.finish()
+            report.expected_messages += self._missing(report, expected)
+
+    async def _compare_messages(
+        self,
+        ws: WsEndpoint,
+        report: ServeReport,
+        progress: _ClientProgress,
+        expected: Iterator[Message],
+    ) -> None:
+        started = trio.current_time()
+        assembler = MessageAssembler()
+        while (frame := await ws.receive()) is not None:
+            got = assembler.feed(Kind(frame.opcode.value), frame.fin, bytes(frame.data))
+            if got is None:
+                continue
+            report.client_messages += 1
+            recorded = next(expected, None)
+            if recorded is not None:
+                report.expected_messages += 1
+            if recorded is not None and recorded.same_as(got):
+                report.matched += 1
+            else:
+                at = trio.current_time() - started
+                self._differ(report, Difference(got.index, recorded, got, at))
+            progress.advance()
+
+    def _missing(self, report: ServeReport, expected: Iterator[Message]) -> int:
+        count = 0
+        for message in expected:
+            count += 1
+            self._differ(report, Difference(message.index, message, None, 0.0))
+        return count
+
+    @staticmethod
+    def _differ(report: ServeReport, difference: Difference) -> None:
+        if len(report.differences) < MAX_LISTED_DIFFERENCES:
+            report.differences.append(difference)
+        else:
+            report.more_differences += 1

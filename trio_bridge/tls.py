@@ -1,0 +1,275 @@
+"""TLS on the listening port (ws:// and wss:// on one port) and towards the target.
+
+Python's :mod:`ssl` does the cryptography and :class:`trio.SSLStream` the I/O; this
+module only decides *whether* a connection speaks TLS and with which context.
+
+Like websockify, one port serves both schemes: a TLS ClientHello always starts with
+the handshake record type ``0x16``, a byte no HTTP request line starts with, so a
+``MSG_PEEK`` of the first byte tells them apart without consuming anything.
+
+Contexts are built from files when the bridge starts and again on :meth:`reload`
+(SIGHUP): a connection takes the context current at its accept, so a renewed
+certificate applies to new connections while open sessions keep theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .config import Address, ConfigError, TcpAddress
+from .routing import ClientInfo
+from .transport import StreamTransport, Transport
+
+if TYPE_CHECKING:
+    from .config import Config
+
+log = logging.getLogger("trio_bridge.tls")
+
+TLS_HANDSHAKE_RECORD = 0x16
+
+TLS_VERSIONS = {
+    "1.2": ssl.TLSVersion.TLSv1_2,
+    "1.3": ssl.TLSVersion.TLSv1_3,
+    # websockify's --ssl-version spellings, so its command lines keep working
+    "tlsv1_2": ssl.TLSVersion.TLSv1_2,
+    "tlsv1_3": ssl.TLSVersion.TLSv1_3,
+    "default": ssl.TLSVersion.TLSv1_2,
+}
+
+
+class TlsFailure(Exception):
+    """A TLS handshake failed; ``str()`` says why in words, for the log."""
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Server-side TLS: ``--cert``/``--key`` and the options that shape the context.
+
+    ``cafile`` alone verifies client certificates when clients present one;
+    ``verify_client`` makes one mandatory (the handshake fails without it).
+    """
+
+    cert: str
+    key: str | None = None
+    ssl_only: bool = False
+    minimum_version: str = "1.2"
+    ciphers: str | None = None
+    verify_client: bool = False
+    cafile: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.minimum_version not in TLS_VERSIONS:
+            raise ConfigError(
+                f"--ssl-minimum-version: {self.minimum_version!r} is not one of 1.2, 1.3 "
+                "(TLS 1.0 and 1.1 are not offered: they are broken)"
+            )
+        if self.verify_client and not self.cafile:
+            raise ConfigError("--verify-client needs --cafile: the CAs of client certificates")
+        server_context(self)  # fail at start-up, with the file named, not at the first client
+
+
+@dataclass(frozen=True)
+class TargetTlsSettings:
+    """``--ssl-target``: TLS to the target, verified against ``cafile`` (default: system CAs).
+
+    The certificate must name ``server_name``, or the target's host when that is None;
+    ``verify=False`` is the explicit, logged opt-out for self-signed targets.
+    """
+
+    cafile: str | None = None
+    server_name: str | None = None
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        _client_context(self, check_hostname=True)
+
+
+def _file_error(flag: str, exc: OSError) -> ConfigError:
+    return ConfigError(f"{flag}: cannot read {exc.filename or 'the file'}: {exc.strerror or exc}")
+
+
+def server_context(settings: TlsSettings) -> ssl.SSLContext:
+    """A server context from ``settings``; :class:`ConfigError` naming the file on failure."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = TLS_VERSIONS[settings.minimum_version]
+    try:
+        context.load_cert_chain(settings.cert, settings.key)
+    except OSError as exc:
+        if isinstance(exc, ssl.SSLError):
+            what = f"--cert {settings.cert}" + (f" / --key {settings.key}" if settings.key else "")
+            reason = _reason(exc)
+            raise ConfigError(f"{what}: not a matching certificate and key ({reason})") from None
+        raise _file_error("--cert/--key", exc) from None
+    if settings.ciphers:
+        try:
+            context.set_ciphers(settings.ciphers)
+        except ssl.SSLError:
+            raise ConfigError(f"--ssl-ciphers: no cipher matches {settings.ciphers!r}") from None
+    if settings.cafile:
+        try:
+            context.load_verify_locations(settings.cafile)
+        except ssl.SSLError as exc:
+            reason = _reason(exc)
+            raise ConfigError(f"--cafile {settings.cafile}: no usable CA ({reason})") from None
+        except OSError as exc:
+            raise _file_error("--cafile", exc) from None
+        context.verify_mode = ssl.CERT_REQUIRED if settings.verify_client else ssl.CERT_OPTIONAL
+    # Never negotiate h2: the WebSocket handshake here is HTTP/1.1. Renegotiation only
+    # lets a client make the server redo expensive work on an established connection.
+    context.set_alpn_protocols(["http/1.1"])
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    return context
+
+
+def _client_context(settings: TargetTlsSettings, *, check_hostname: bool) -> ssl.SSLContext:
+    try:
+        context = ssl.create_default_context(cafile=settings.cafile)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"--ssl-target-cafile {settings.cafile}: no usable CA ({_reason(exc)})"
+        ) from None
+    except OSError as exc:
+        raise _file_error("--ssl-target-cafile", exc) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not settings.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif not check_hostname:
+        context.check_hostname = False
+    return context
+
+
+def _reason(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason code in words: CERTIFICATE_VERIFY_FAILED -> certificate verify failed."""
+    detail = getattr(exc, "verify_message", None)
+    reason = exc.reason or (exc.args[1] if len(exc.args) > 1 else str(exc))
+    text = str(reason).lower().replace("_", " ")
+    return f"{text}: {detail}" if detail else text
+
+
+def describe_tls_error(exc: BaseException) -> str:
+    """A one-line reason for a failed handshake, from Trio's wrapped error."""
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+    if isinstance(cause, ssl.SSLError):
+        return _reason(cause)
+    if cause is None:
+        return "the peer closed the connection"
+    return str(cause) or type(cause).__name__
+
+
+async def sniff_tls(sock: socket.socket) -> bool | None:
+    """Whether the client's first byte opens a TLS record; None when it closes first.
+
+    The byte is only peeked: whoever reads next (the TLS layer or the HTTP parser)
+    sees the stream from its start. Waits without limit: callers bound the time.
+    """
+    while True:
+        try:
+            head = sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        except OSError:
+            return None
+        return head[0] == TLS_HANDSHAKE_RECORD if head else None
+
+
+class ServerTls:
+    """The listening side's TLS: sniffing, the handshake, and the current context."""
+
+    def __init__(self, settings: TlsSettings) -> None:
+        self.settings = settings
+        self.context = server_context(settings)
+        plain = "refused (--ssl-only)" if settings.ssl_only else "served on the same port"
+        log.info("TLS with certificate %s; plain ws:// %s", settings.cert, plain)
+
+    @classmethod
+    def for_config(cls, config: Config) -> ServerTls | None:
+        return cls(config.tls) if config.tls is not None else None
+
+    @property
+    def ssl_only(self) -> bool:
+        return self.settings.ssl_only
+
+    def reload(self) -> None:
+        """Re-read certificate, key and CA files; raises :class:`ConfigError` and keeps
+        serving with the previous ones when they are unusable."""
+        self.context = server_context(self.settings)
+        log.info("TLS: reloaded certificate %s", self.settings.cert)
+
+    async def handshake(self, sock: socket.socket) -> trio.SSLStream[trio.SocketStream]:
+        """Run the server handshake on an accepted socket; raises :class:`TlsFailure`.
+
+        ``https_compatible``: a client that drops TCP without TLS close_notify is an
+        ordinary end of stream, as browsers do it all the time; the WebSocket close
+        handshake, not TLS, marks a clean end of a session.
+        """
+        stream = trio.SSLStream(
+            trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
+            self.context,
+            server_side=True,
+            https_compatible=True,
+        )
+        try:
+            await stream.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError) as exc:
+            await trio.aclose_forcefully(stream)
+            raise TlsFailure(f"TLS handshake failed: {describe_tls_error(exc)}") from exc
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
+
+
+class TargetTls:
+    """``--ssl-target``: wraps a connected target stream in TLS."""
+
+    def __init__(self, settings: TargetTlsSettings) -> None:
+        self.settings = settings
+        self._load()
+
+    def _load(self) -> None:
+        context = _client_context(self.settings, check_hostname=True)
+        # A Unix-socket target has no host name to check unless one is configured.
+        self.context_without_name = _client_context(self.settings, check_hostname=False)
+        self.context = context
+
+    @classmethod
+    def for_config(cls, config: Config) -> TargetTls | None:
+        return cls(config.target_tls) if config.target_tls is not None else None
+
+    def reload(self) -> None:
+        """Re-read the target CA file; raises :class:`ConfigError` (keeping the old one)."""
+        self._load()
+        log.info("target TLS: reloaded CAs")
+
+    async def wrap(
+        self, stream: trio.SocketStream, target: Address
+    ) -> trio.SSLStream[trio.SocketStream]:
+        """TLS over a connected ``stream``; raises :class:`TlsFailure` naming the cause."""
+        name = self.settings.server_name
+        if name is None and isinstance(target, TcpAddress):
+            name = target.host
+        context = self.context if name is not None else self.context_without_name
+        tls = trio.SSLStream(stream, context, server_hostname=name, https_compatible=True)
+        try:
+            await tls.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError) as exc:
+            await trio.aclose_forcefully(tls)
+            raise TlsFailure(f"TLS handshake failed: {describe_tls_error(exc)}") from exc
+        return tls
+
+
+def client_info(transport: Transport, peer: str) -> ClientInfo:
+    """What request gates may know about the client: its address and TLS identity."""
+    stream = transport.stream if isinstance(transport, StreamTransport) else None
+    if not isinstance(stream, trio.SSLStream):
+        return ClientInfo(peer)
+    certificate: dict[str, Any] | None = stream.getpeercert() or None
+    return ClientInfo(peer, tls=True, certificate=certificate)

@@ -1,0 +1,117 @@
+"""Plugin names -> plugin objects, for ``--token-plugin`` and ``--auth-plugin``.
+
+websockify's class names work as they are (``TokenFile``, or the full
+``websockify.token_plugins.TokenFile``), short names too (``file``), and any other
+dotted name (``package.module.Class`` or ``package.module:Class``) is imported and
+called with the ``--*-source`` string: that is how operators plug in their own.
+
+Built-in plugins that need an optional library (PyJWT, hiredis) import it only when
+chosen, so a bridge that does not use them does not need them installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import trio
+
+from ..config import Address, ConfigError, TcpAddress, UnixAddress
+from .base import TokenPlugin
+
+TOKEN_PLUGINS = {
+    "TokenFile": "trio_bridge.tokens.files:TokenFile",
+    "ReadOnlyTokenFile": "trio_bridge.tokens.files:ReadOnlyTokenFile",
+    "TokenFileName": "trio_bridge.tokens.files:TokenFileName",
+    "TokenRedis": "trio_bridge.tokens.redis_store:RedisTokens",
+    "JWTTokenApi": "trio_bridge.tokens.jwt_tokens:JwtTokens",
+    "UnixDomainSocketDirectory": "trio_bridge.tokens.unixdir:UnixSocketDirectory",
+}
+TOKEN_SHORT_NAMES = {
+    "file": "TokenFile",
+    "file-readonly": "ReadOnlyTokenFile",
+    "file-name": "TokenFileName",
+    "redis": "TokenRedis",
+    "jwt": "JWTTokenApi",
+    "unix-directory": "UnixDomainSocketDirectory",
+}
+EXTRAS = {"jwt": "jwt", "cryptography": "jwt", "hiredis": "redis"}
+
+
+def load_plugin_class(
+    name: str,
+    builtins: Mapping[str, str],
+    short_names: Mapping[str, str],
+    websockify_module: str,
+    flag: str,
+) -> Any:
+    """The class ``name`` designates; :class:`ConfigError` with the choices when none."""
+    base = name.removeprefix(websockify_module + ".")
+    base = short_names.get(base, base)
+    if base in builtins:
+        spec = builtins[base]
+    elif "." in name or ":" in name:
+        spec = name if ":" in name else ":".join(name.rsplit(".", 1))
+    else:
+        choices = ", ".join([*builtins, *short_names])
+        raise ConfigError(f"{flag}: unknown plugin {name!r}; built in: {choices}")
+    module_name, _, class_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        extra = EXTRAS.get((exc.name or "").partition(".")[0])
+        hint = f": pip install 'trio-bridge[{extra}]'" if extra else ""
+        raise ConfigError(f"{flag} {name}: cannot import {exc.name or module_name}{hint}") from None
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise ConfigError(f"{flag}: module {module_name} has no {class_name}") from None
+
+
+class BlockingTokenPlugin:
+    """Adapts a websockify-style plugin: a blocking ``lookup(token)`` returning
+    ``[host, port]``, ``["unix_socket", path]`` or None. It runs in a worker thread."""
+
+    def __init__(self, plugin: Any) -> None:
+        self.plugin = plugin
+
+    def __str__(self) -> str:
+        return type(self.plugin).__name__
+
+    async def lookup(self, token: str) -> Address | None:
+        result = await trio.to_thread.run_sync(self.plugin.lookup, token)
+        if result is None:
+            return None
+        if not isinstance(result, Sequence) or isinstance(result, str) or len(result) != 2:
+            raise TypeError(f"{self}.lookup returned {result!r}, not [host, port]")
+        host, port = result
+        if host == "unix_socket":
+            return UnixAddress(str(port))
+        port = int(port.decode() if isinstance(port, bytes) else port)
+        return TcpAddress(str(host), port)
+
+    def reload(self) -> None:
+        reload = getattr(self.plugin, "reload", None)
+        if callable(reload):
+            reload()
+
+
+def load_token_plugin(name: str, source: str | None) -> TokenPlugin:
+    cls = load_plugin_class(
+        name, TOKEN_PLUGINS, TOKEN_SHORT_NAMES, "websockify.token_plugins", "--token-plugin"
+    )
+    try:
+        plugin = cls(source)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"--token-plugin {name}: {exc}") from None
+    lookup = getattr(plugin, "lookup", None)
+    if not callable(lookup):
+        raise ConfigError(f"--token-plugin {name}: the plugin has no lookup(token) method")
+    if inspect.iscoroutinefunction(lookup):
+        result: TokenPlugin = plugin
+        return result
+    return BlockingTokenPlugin(plugin)

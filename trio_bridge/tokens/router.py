@@ -1,0 +1,172 @@
+"""Token routing: the :class:`~trio_bridge.routing.TargetResolver` for one bridge, many targets.
+
+Per request: take the token from where the operator said (``?token=``, the last path
+segment, or the Host header), check its shape, ask the plugin, check the answer
+against ``--allow-target``. Every refusal happens before any connection attempt:
+
+- no token, a malformed one, or one the plugin does not know -> 404;
+- a token the plugin rejects (expired or badly signed JWT) -> 403;
+- a target outside ``--allow-target`` -> 403 (the target goes to the log only);
+- a token store that cannot answer -> 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from websockets.http11 import Request
+
+from ..config import Address, ConfigError
+from ..routing import HttpRefusal, StaticTarget, TargetResolver
+from .allow import TargetAllowlist
+from .base import TokenPlugin, TokenStoreError, describe_token, token_is_well_formed
+from .registry import load_token_plugin
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+log = logging.getLogger("trio_bridge.tokens")
+
+TOKEN_FROM = ("query", "path", "host")
+NOT_FOUND, FORBIDDEN, UNAVAILABLE = 404, 403, 503
+MAX_QUERY_FIELDS = 64
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """``--token-plugin``, ``--token-source`` and where the token is read from."""
+
+    plugin: str
+    source: str | None = None
+    token_from: str = "query"
+
+    def __post_init__(self) -> None:
+        if self.token_from not in TOKEN_FROM:
+            choices = ", ".join(TOKEN_FROM)
+            raise ConfigError(f"--token-from: {self.token_from!r} is not one of {choices}")
+        load_token_plugin(self.plugin, self.source)  # unknown plugin, bad source: fail at start
+
+
+def _refuse(status: int, reason: str) -> HttpRefusal:
+    return HttpRefusal(status, reason)
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """The path and query of an origin-form request target (RFC 9112 3.2.1).
+
+    Not ``urlsplit``: it takes a path starting with ``//`` for a host name, and raises
+    on a stray ``[`` there, which a client can send.
+    """
+    path, _, query = target.partition("#")[0].partition("?")
+    return path, query
+
+
+def _from_query(request: Request) -> str | None:
+    query = split_target(request.path)[1]
+    try:
+        values = urllib.parse.parse_qs(query, max_num_fields=MAX_QUERY_FIELDS).get("token", [])
+    except ValueError:
+        raise _refuse(NOT_FOUND, "Malformed token") from None
+    if len(values) > 1:
+        raise _refuse(NOT_FOUND, "Malformed token: more than one")
+    return values[0].rstrip("\n") if values else None
+
+
+def _from_path(request: Request) -> str | None:
+    path = split_target(request.path)[0]
+    segments = [segment for segment in path.split("/") if segment]
+    return urllib.parse.unquote(segments[-1]) if segments else None
+
+
+def _from_host(request: Request) -> str | None:
+    hosts = request.headers.get_all("Host")
+    if len(hosts) != 1:
+        return None
+    host = hosts[0].strip().lower()
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.partition(":")[0] or None
+
+
+EXTRACTORS = {"query": _from_query, "path": _from_path, "host": _from_host}
+
+
+def extract_token(request: Request, token_from: str) -> str:
+    """The request's token, or :class:`HttpRefusal` 404 when it has none or a malformed one."""
+    token = EXTRACTORS[token_from](request)
+    if token is None or token == "":
+        where = {"query": "?token=", "path": "the URL path", "host": "the Host header"}
+        raise _refuse(NOT_FOUND, f"No token in the request (expected in {where[token_from]})")
+    if not token_is_well_formed(token):
+        raise _refuse(NOT_FOUND, "Malformed token")
+    return token
+
+
+class TokenRouter:
+    """Resolves a request to the target its token stands for (see the module docs)."""
+
+    def __init__(
+        self, plugin: TokenPlugin, token_from: str = "query", allow: TargetAllowlist | None = None
+    ) -> None:
+        self.plugin = plugin
+        self.token_from = token_from
+        self.allow = allow or TargetAllowlist(())
+
+    def __str__(self) -> str:
+        plugin = self.plugin
+        if type(plugin).__str__ is object.__str__:
+            source = getattr(plugin, "source", None)
+            described = type(plugin).__name__ + (f" {source}" if source else "")
+        else:
+            described = str(plugin)
+        return f"the targets of tokens from {described}"
+
+    def reload(self) -> None:
+        reload = getattr(self.plugin, "reload", None)
+        if callable(reload):
+            reload()
+
+    async def resolve(self, request: Request, client: str) -> Address:
+        token = extract_token(request, self.token_from)
+        try:
+            target = await self.plugin.lookup(token)
+        except TokenStoreError as exc:
+            log.error("client %s: token lookup failed: %s", client, exc)
+            raise _refuse(UNAVAILABLE, "Token store unavailable, try again later") from None
+        if target is None:
+            raise _refuse(NOT_FOUND, "Unknown token")
+        if not self.allow.allows(target):
+            log.warning(
+                "client %s: token %s names target %s, which no --allow-target pattern allows",
+                client,
+                describe_token(token),
+                target,
+            )
+            raise _refuse(FORBIDDEN, "Target not allowed")
+        return target
+
+
+def resolver_for(config: Config) -> TargetResolver | None:
+    """The resolver ``config`` describes; None when it names neither a target nor tokens."""
+    if config.tokens is not None:
+        plugin = load_token_plugin(config.tokens.plugin, config.tokens.source)
+        return TokenRouter(plugin, config.tokens.token_from, TargetAllowlist(config.allow_targets))
+    if config.target is not None:
+        return StaticTarget(config.target)
+    return None
+
+
+def check_routing(config: Config) -> None:
+    """Cross-field checks: one way to route, and a fixed target inside --allow-target."""
+    allow = TargetAllowlist(config.allow_targets)
+    if config.tokens is not None and config.target is not None:
+        raise ConfigError(
+            "--token-plugin routes each client to its token's target: give no fixed target"
+        )
+    if config.tokens is not None and (config.wrap is not None or config.file_only):
+        raise ConfigError("--token-plugin does not go with wrap mode or --file-only")
+    if config.target is not None and not allow.allows(config.target):
+        raise ConfigError(f"target {config.target} is not allowed by any --allow-target pattern")
