@@ -120,14 +120,20 @@ def refusal_reason(response: Response) -> str:
     return first.removeprefix(prefix).rstrip(".")
 
 
-async def receive_request(channel: ClientChannel, timeout: float) -> Request | Refusal:
+async def receive_request(
+    channel: ClientChannel, timeout: float, deadline: float | None = None
+) -> Request | Refusal:
     """Read bytes until websockets has parsed a request, the client gives up, or time runs out.
 
+    ``deadline`` (Trio time) is when the connection's whole handshake budget of
+    ``timeout`` seconds ends, TLS included; by default ``timeout`` from now.
     A request that is malformed or too large is answered by websockets itself
     (400/414/431); its response is flushed here and a :class:`Refusal` returned.
     """
     protocol = channel.protocol
-    with trio.move_on_after(timeout):
+    if deadline is None:
+        deadline = trio.current_time() + timeout
+    with trio.move_on_at(deadline):
         while True:
             try:
                 data = await channel.transport.recv(4096)

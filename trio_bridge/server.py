@@ -47,6 +47,7 @@ from .routing import (
     RequestGate,
     TargetResolver,
     is_websocket_upgrade,
+    redact_query,
 )
 from .session import INTERNAL_ERROR, Session, SessionStats, new_session_id
 from .targets import TargetUnavailable, connect
@@ -233,12 +234,14 @@ class Bridge:
         if self.connections == 0:
             self._no_connections = trio.Event()
         self.connections += 1
+        # One budget for TLS and the HTTP request together, not one for each.
+        deadline = trio.current_time() + self.config.limits.handshake_timeout
         try:
             with admission:
-                transport = await self._client_transport(sock, peer)
+                transport = await self._client_transport(sock, peer, deadline)
                 if transport is not None:
                     try:
-                        await self._serve_connection(transport, peer)
+                        await self._serve_connection(transport, peer, deadline)
                     finally:
                         await transport.aclose()
         except (ClientGone, TlsFailure) as exc:
@@ -250,7 +253,9 @@ class Bridge:
             if self.connections == 0:
                 self._no_connections.set()
 
-    async def _client_transport(self, sock: socket.socket, peer: str) -> Transport | None:
+    async def _client_transport(
+        self, sock: socket.socket, peer: str, deadline: float
+    ) -> Transport | None:
         """How bytes are read from and written to an accepted client connection.
 
         With ``--cert``, the first byte (peeked, within the handshake timeout) tells a
@@ -261,7 +266,7 @@ class Bridge:
         if self.tls is None:
             return SocketTransport(sock)
         timeout = self.config.limits.handshake_timeout
-        with trio.move_on_after(timeout):
+        with trio.move_on_at(deadline):
             speaks_tls = await sniff_tls(sock)
             if speaks_tls:
                 return StreamTransport(await self.tls.handshake(sock))
@@ -302,13 +307,13 @@ class Bridge:
             await channel.send_raw(response.serialize())
         await channel.linger_and_close(1.0)
 
-    async def _serve_connection(self, transport: Transport, peer: str) -> None:
+    async def _serve_connection(self, transport: Transport, peer: str, deadline: float) -> None:
         config = self.config
         limits = config.limits
         protocol = new_protocol(config)
         channel = ClientChannel(transport, protocol, peer)
 
-        request = await receive_request(channel, limits.handshake_timeout)
+        request = await receive_request(channel, limits.handshake_timeout, deadline)
         if isinstance(request, Refusal):
             self.metrics.handshake_failed(refusal_kind(request))
             log.info("client %s: %s", peer, request.reason)
@@ -365,7 +370,7 @@ class Bridge:
             "session %s opened: client=%s path=%s target=%s subprotocol=%s",
             stats.session_id,
             peer,
-            request.path,
+            redact_query(request.path),
             address,
             protocol.subprotocol,
         )
@@ -375,7 +380,7 @@ class Bridge:
                 session_id=stats.session_id,
                 client=peer,
                 target=stats.target,
-                path=request.path,
+                path=redact_query(request.path),
                 subprotocol=protocol.subprotocol,
                 started_wall=time.time(),
             )
@@ -403,7 +408,7 @@ class Bridge:
             "client %s: %s %s -> %d%s",
             channel.peer,
             request.method,
-            request.path,
+            redact_query(request.path),
             status,
             f": {refusal_reason(response)}" if status >= 400 else "",
         )
