@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,14 @@ from trio_bridge.addons import Addons, WrappedProgramExited
 from trio_bridge.cli import build_parser, config_from_args
 from trio_bridge.config import Config, ConfigError, Limits, StartupError, TcpAddress
 from trio_bridge.server import Bridge
-from trio_bridge.wrap import Supervisor, WrapConfig, WrapMode, first_leaf, split_command
+from trio_bridge.wrap import (
+    Supervisor,
+    WrapConfig,
+    WrapMode,
+    first_leaf,
+    signal_group,
+    split_command,
+)
 
 from .conftest import LogWaiter, free_port, loopback_listener
 from .test_web import fetch
@@ -405,71 +414,81 @@ def test_command_line_forms() -> None:
         cli_config("6080", "localhost:5901", "--wrap-stdio", "--", "cat")
 
 
-def run_cli(*argv: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
+class Cli:
+    """``python -m trio_bridge.cli ARGS`` with its log (stdout and stderr) collected."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.output = b""
+
+    async def wait_for(self, fragment: bytes) -> None:
+        assert self.process.stdout is not None
+        while fragment not in self.output:
+            chunk = await self.process.stdout.receive_some(65536)
+            assert chunk, self.output.decode()
+            self.output += chunk
+
+    async def exit_status(self) -> int:
+        assert self.process.stdout is not None
+        async for chunk in self.process.stdout:
+            self.output += chunk
+        return await self.process.wait()
+
+    def program_pid(self) -> int:
+        found = re.search(rb"\(pid (\d+)\)", self.output)
+        assert found, self.output.decode()
+        return int(found[1])
+
+
+@asynccontextmanager
+async def cli(*argv: str) -> AsyncIterator[Cli]:
+    """Always ends with no process left: the bridge, and any program it started."""
+    process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "trio_bridge.cli", *argv],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-
-
-async def wait_for_line(proc: subprocess.Popen[bytes], fragment: bytes) -> bytes:
-    assert proc.stdout is not None
-    stream = trio.lowlevel.FdStream(os.dup(proc.stdout.fileno()))
-    seen = b""
-    async with stream:
-        while fragment not in seen:
-            chunk = await stream.receive_some(4096)
-            assert chunk, seen.decode()
-            seen += chunk
-    return seen
+    running = Cli(process)
+    try:
+        yield running
+    finally:
+        with trio.CancelScope(shield=True):
+            process.kill()
+            await process.wait()
+            for pid in re.findall(rb"\(pid (\d+)\)", running.output):
+                signal_group(int(pid), signal.SIGKILL)
+            assert process.stdout is not None
+            await process.stdout.aclose()
 
 
 async def test_cli_exit_mode_exits_with_the_programs_status() -> None:
-    port = free_port()
-    proc = run_cli(str(port), "--wrap-stdio", "--", "sh", "-c", "sleep 0.3; exit 7")
-    try:
+    async with cli(str(free_port()), "--wrap-stdio", "--", "sh", "-c", "sleep 0.3; exit 7") as run:
         with trio.fail_after(20):
-            status = await trio.to_thread.run_sync(proc.wait)
-        assert proc.stdout is not None
-        output = proc.stdout.read().decode()
-        assert status == 7, output
-        assert "exited with status 7" in output
-    finally:
-        proc.kill()
-        proc.wait()
+            status = await run.exit_status()
+        assert status == 7, run.output.decode()
+        assert b"exited with status 7" in run.output
 
 
 async def test_cli_sigterm_stops_bridge_and_program() -> None:
-    port = free_port()
-    proc = run_cli(str(port), "--wrap-stdio", "--wrap-mode=respawn", "--", "sleep", "300")
-    try:
+    argv = ("--wrap-stdio", "--wrap-mode=respawn", "--", "sleep", "300")
+    async with cli(str(free_port()), *argv) as run:
         with trio.fail_after(20):
-            seen = await wait_for_line(proc, b"relaying to")
-            pid = int(seen.split(b"(pid ")[1].split(b")")[0])
+            await run.wait_for(b"relaying to")
+            pid = run.program_pid()
             assert alive(pid)
-            proc.send_signal(signal.SIGTERM)
-            status = await trio.to_thread.run_sync(proc.wait)
-        assert status == 0
-        assert not alive(pid) and not is_zombie(pid)
-        await wait_group_gone(pid)
-    finally:
-        proc.kill()
-        proc.wait()
+            run.process.send_signal(signal.SIGTERM)
+            assert await run.exit_status() == 0, run.output.decode()
+            assert not alive(pid) and not is_zombie(pid)
+            await wait_group_gone(pid)
 
 
 async def test_cli_sigterm_while_waiting_for_the_program_to_listen() -> None:
     """Starting can wait 30 s for the port; a stop request must not wait with it."""
-    proc = run_cli(str(free_port()), "--", "sleep", "300")
-    try:
+    async with cli(str(free_port()), "--", "sleep", "300") as run:
         with trio.fail_after(20):
-            seen = await wait_for_line(proc, b"started sleep 300")
-            pid = int(seen.split(b"(pid ")[1].split(b")")[0])
-            proc.send_signal(signal.SIGTERM)
-            status = await trio.to_thread.run_sync(proc.wait)
-        assert status == 0
-        assert not alive(pid) and not is_zombie(pid)
-    finally:
-        proc.kill()
-        proc.wait()
+            await run.wait_for(b"started sleep 300")
+            pid = run.program_pid()
+            run.process.send_signal(signal.SIGTERM)
+            assert await run.exit_status() == 0, run.output.decode()
+            assert not alive(pid) and not is_zombie(pid)

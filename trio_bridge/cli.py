@@ -511,6 +511,7 @@ async def run(config: Config, inherited: InheritedSockets | None = None) -> None
                 listeners = inherited.listening() if inherited is not None else None
                 start = (addons.serve, bridge, listeners)
                 if not await _start_unless_stopped(signals, nursery, *start):
+                    nursery.cancel_scope.cancel()  # it may have started in the same instant
                     return
                 link.ready()
                 async for signum in signals:
