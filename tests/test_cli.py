@@ -217,3 +217,21 @@ async def test_unix_sockets_end_to_end(
             bridge.process.send_signal(signal.SIGTERM)
             status, lines = await bridge.finish()
     assert status == 0, lines
+
+
+async def test_options_may_follow_the_positional_addresses(tmp_path: Path) -> None:
+    """websockify users write ``PORT --web DIR TARGET``: options between positionals work."""
+    (tmp_path / "index.html").write_text("hello")
+    port = free_port()
+    with trio.fail_after(15):
+        async with cli(str(port), "--web", str(tmp_path), "127.0.0.1:9") as bridge:
+            await bridge.wait_for_line("listening on")
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while b"hello" not in reply:
+                chunk = await stream.receive_some()
+                assert chunk, reply
+                reply += chunk
+            await stream.aclose()
+    assert reply.startswith(b"HTTP/1.1 200")

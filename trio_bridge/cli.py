@@ -589,7 +589,7 @@ def _leaves(group: BaseExceptionGroup[StartupError]) -> list[StartupError]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv, command = split_command(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     args.wrap_command = command
     try:
         # First: LISTEN_FDS is read (and unset) once, and decides whether to bind.
