@@ -300,3 +300,31 @@ def test_record_option(
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/trio-bridge:/var/lib/other")
     config = config_from_args(build_parser().parse_args(["--record", "6080", "h:1"]))
     assert config.record == Path("/var/lib/trio-bridge")
+
+
+async def test_an_empty_close_frame_is_recorded_as_sent(
+    nursery: trio.Nursery, start_ws_bridge: StartBridge, tmp_path: Path
+) -> None:
+    """A close frame without a code (1005) is echoed empty, and recorded empty both ways."""
+    from websockets.frames import Opcode
+
+    from .conftest import RawClient, client_frame
+
+    target = await start_tcp_target(nursery, scripted_target(greeting=b""))
+    running = await start_ws_bridge(target, record=tmp_path)
+    with trio.fail_after(20):
+        client = await RawClient.open(running.port)
+        await client.handshake()
+        await client.send(client_frame(Opcode.CLOSE, b""))
+        echoed = await client.read_frame()
+        assert (echoed.opcode, echoed.data) == (Opcode.CLOSE, b"")
+        (path,) = await running.recordings(1)
+    recording = load_recording(path)
+    assert recording.status.outcome is Outcome.COMPLETE, recording.status.describe()
+    closes = [
+        (direction, f.payload)
+        for direction in (Direction.UP, Direction.DOWN)
+        for f in recording.frames(direction)
+        if f.kind is Kind.CLOSE
+    ]
+    assert closes == [(Direction.UP, b""), (Direction.DOWN, b"")]

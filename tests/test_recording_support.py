@@ -30,9 +30,9 @@ CLOSE_CODE, CLOSE_REASON = 4000, "bye"
 Transform = Callable[[bytes], bytes]
 
 
-def scripted_target(greeting: bytes = GREETING, transform: Transform = bytes) -> Callable[
-    [trio.SocketStream], Awaitable[None]
-]:
+def scripted_target(
+    greeting: bytes = GREETING, transform: Transform = bytes
+) -> Callable[[trio.SocketStream], Awaitable[None]]:
     """A target that greets, then answers each chunk with ``transform(chunk)``."""
 
     async def handler(stream: trio.SocketStream) -> None:

@@ -28,9 +28,7 @@ from .test_recording_support import (
 
 
 @pytest.fixture
-async def recording(
-    nursery: trio.Nursery, start_ws_bridge: StartBridge, tmp_path: Path
-) -> Path:
+async def recording(nursery: trio.Nursery, start_ws_bridge: StartBridge, tmp_path: Path) -> Path:
     folder = tmp_path / "recorded"
     folder.mkdir()
     with trio.fail_after(20):

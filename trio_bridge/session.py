@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import trio
-from websockets.frames import Frame, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import OPEN
 
 from .channel import ClientChannel, ClientGone
@@ -293,7 +293,9 @@ class Session:
         sent = self.protocol.close_sent
         if self.observer is not None and sent is not None and not self._close_observed:
             self._close_observed = True
-            self.observer.on_frame(Direction.DOWN, Frame(Opcode.CLOSE, sent.serialize()))
+            # An empty close frame (no code: 1005) must stay empty; serialize() refuses 1005.
+            payload = b"" if sent.code == CloseCode.NO_STATUS_RCVD else sent.serialize()
+            self.observer.on_frame(Direction.DOWN, Frame(Opcode.CLOSE, payload))
 
     def _end_within_close_timeout(self) -> None:
         assert self._scope is not None

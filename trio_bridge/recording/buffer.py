@@ -21,6 +21,12 @@ Entry = tuple[int, int, int, bytes]
 #: What a queued entry costs in memory besides its payload (tuple, ints, bytes object).
 ENTRY_OVERHEAD = 160
 
+#: The writer lets up to this much queue up, for at most FLUSH_DELAY seconds, before it
+#: takes a batch: one thread hand-off per batch rather than per frame keeps the relay's
+#: share of the recording's cost small (the hand-off, not the frame, is what costs).
+BATCH_BYTES = 256 << 10
+FLUSH_DELAY = 0.005
+
 
 @dataclass
 class Loss:
@@ -90,6 +96,7 @@ class EventBuffer:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.batch = min(BATCH_BYTES, limit // 4)
         self.dropped = Loss(0, 0, "")  # totals over the session, for the log
         self._entries: list[Entry] = []
         self._queued = 0
@@ -115,7 +122,8 @@ class EventBuffer:
             self._close_gap()
         self._entries.append((kind, flags, time_us, payload))
         self._queued += cost
-        self._wakeup.set()
+        if len(self._entries) == 1 or self._queued >= self.batch:
+            self._wakeup.set()  # only the first entry and a full batch wake the writer
         return True
 
     def close(self, last: Entry) -> None:
@@ -131,17 +139,25 @@ class EventBuffer:
     async def take(self) -> list[Entry]:
         """Everything queued, waiting for something; [] once closed and drained.
 
-        The entries count against the limit until :meth:`written` is called.
+        Once something is queued, waits up to :data:`FLUSH_DELAY` for a full batch. The
+        entries count against the limit until :meth:`written` is called.
         """
         while not self._entries:
             if self._closed:
                 return []
-            await self._wakeup.wait()
-            self._wakeup = trio.Event()
+            await self._wait()
+        if not self._closed and self._queued < self.batch:
+            with trio.move_on_after(FLUSH_DELAY):
+                while not self._closed and self._queued < self.batch:
+                    await self._wait()
         entries, self._entries = self._entries, []
         self._in_flight += self._queued
         self._queued = 0
         return entries
+
+    async def _wait(self) -> None:
+        await self._wakeup.wait()
+        self._wakeup = trio.Event()
 
     def written(self) -> None:
         """The entries from the last :meth:`take` are out of memory's way."""

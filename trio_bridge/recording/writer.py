@@ -3,9 +3,10 @@
 Why a thread: regular files have no non-blocking mode (``O_NONBLOCK`` is ignored and
 epoll reports them always ready), so a slow or stalled disk would stall the whole
 event loop, and every session with it, if the writes ran there. Each batch of queued
-records is encoded (CRC-32 over payloads releases the GIL) and written with one
-``pwritev`` in ``trio.to_thread.run_sync``; while it runs, the session keeps relaying
-and new records queue up for the next batch, so batches grow when the disk is slow.
+records (see :data:`~trio_bridge.recording.buffer.BATCH_BYTES`) is encoded (CRC-32 over
+payloads releases the GIL) and written with one ``pwritev`` in ``trio.to_thread.run_sync``;
+while it runs, the session keeps relaying and new records queue up for the next batch,
+so batches grow when the disk is slow.
 
 Failure policy: a write error (disk full, quota, I/O error) cuts the file back to the
 end of its last complete record, so it stays readable, and what could not be written

@@ -34,8 +34,14 @@ from .serve import ReplayServer, ServeReport
 from .timeline import PayloadView, print_timeline
 
 PROG = "trio-bridge-replay"
+USAGE = """
+  %(prog)s [show] FILE [--full | --no-payload] [--filter up|down]
+  %(prog)s serve FILE [--listen [HOST:]PORT] [--speed X] [--no-delay] [--lockstep] [--once]
+  %(prog)s drive FILE (--target HOST:PORT | --url ws://...) [--speed X] [--no-delay]
+  %(prog)s export --format websockify FILE [-o OUT]"""
 COMMANDS = ("show", "serve", "drive", "export")
 SAME, DIFFERENT, TROUBLE = 0, 1, 2
+FILE_HELP = "a recording made by trio-bridge --record (*.tbrec)"
 
 
 class Trouble(Exception):
@@ -60,14 +66,17 @@ def _speed(text: str) -> float:
 def build_parser() -> OneLineParser:
     parser = OneLineParser(
         prog=PROG,
+        usage=USAGE,
         description="Show, replay and export trio-bridge session recordings.",
         epilog="Without a command, FILE is shown as a timeline. See docs/replay.md.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    show = commands.add_parser("show", help="print the session as a timeline (the default)")
-    show.add_argument("file", type=Path)
+    show = commands.add_parser(
+        "show", prog=f"{PROG} show", help="print the session as a timeline (the default)"
+    )
+    show.add_argument("file", type=Path, metavar="FILE", help=FILE_HELP)
     view = show.add_mutually_exclusive_group()
     view.add_argument("--full", action="store_true", help="every payload in full")
     view.add_argument("--no-payload", action="store_true", help="no payload previews")
@@ -76,11 +85,15 @@ def build_parser() -> OneLineParser:
     )
 
     def pacing(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--speed", type=_speed, default=1.0, help="play X times faster")
+        sub.add_argument(
+            "--speed", type=_speed, default=1.0, metavar="X", help="play X times faster"
+        )
         sub.add_argument("--no-delay", action="store_true", help="ignore the recorded timing")
 
-    serve = commands.add_parser("serve", help="play the target's side to WebSocket clients")
-    serve.add_argument("file", type=Path)
+    serve = commands.add_parser(
+        "serve", prog=f"{PROG} serve", help="play the target's side to WebSocket clients"
+    )
+    serve.add_argument("file", type=Path, metavar="FILE", help=FILE_HELP)
     serve.add_argument(
         "--listen", default="127.0.0.1:6080", metavar="[HOST:]PORT", help="default 127.0.0.1:6080"
     )
@@ -94,8 +107,10 @@ def build_parser() -> OneLineParser:
         "--once", action="store_true", help="serve one client, exit 0 if it matched, 1 if not"
     )
 
-    drive_cmd = commands.add_parser("drive", help="play the client's side against a server")
-    drive_cmd.add_argument("file", type=Path)
+    drive_cmd = commands.add_parser(
+        "drive", prog=f"{PROG} drive", help="play the client's side against a server"
+    )
+    drive_cmd.add_argument("file", type=Path, metavar="FILE", help=FILE_HELP)
     where = drive_cmd.add_mutually_exclusive_group(required=True)
     where.add_argument("--target", metavar="HOST:PORT", help="the TCP service itself")
     where.add_argument("--url", metavar="ws://...", help="a WebSocket server or bridge")
@@ -108,8 +123,10 @@ def build_parser() -> OneLineParser:
         help="longest wait for the server's answer or close (default 10)",
     )
 
-    export = commands.add_parser("export", help="convert to another recording format")
-    export.add_argument("file", type=Path)
+    export = commands.add_parser(
+        "export", prog=f"{PROG} export", help="convert to another recording format"
+    )
+    export.add_argument("file", type=Path, metavar="FILE", help=FILE_HELP)
     export.add_argument("--format", choices=["websockify"], required=True)
     export.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
     return parser
@@ -275,9 +292,13 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+    parser = build_parser()
+    if not argv:
+        parser.print_usage(sys.stderr)
+        return TROUBLE
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "show")  # trio-bridge-replay FILE
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         return HANDLERS[args.command](args)
     except (RecordingError, Trouble) as exc:

@@ -367,8 +367,7 @@ async def _play_client(
                 await trio.sleep_until(anchor + seconds / speed)
             if connection.eof.is_set() or not await connection.send(record):
                 report.notes.append(
-                    f"the server closed the connection before the client message at "
-                    f"{seconds:.3f} s"
+                    f"the server closed the connection before the client message at {seconds:.3f} s"
                 )
                 break
             if record.kind is Kind.CLOSE:

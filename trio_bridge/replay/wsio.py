@@ -185,8 +185,9 @@ async def accept(
     protocol.send_response(response)
     await endpoint.flush()
     if response.status_code != 101:
-        raise HandshakeFailed(f"refused the handshake with HTTP {response.status_code}: "
-                              f"{protocol.handshake_exc}")
+        raise HandshakeFailed(
+            f"refused the handshake with HTTP {response.status_code}: {protocol.handshake_exc}"
+        )
     endpoint._take_events(events[1:])
     return endpoint
 
