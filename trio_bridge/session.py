@@ -267,7 +267,7 @@ class Session:
         False, sending nothing, once a close frame has gone out (RFC 6455 5.5.1).
         """
         channel = self.channel
-        async with channel.write_lock:
+        async with channel.write_turn:
             if self.protocol.state is not OPEN:
                 return False
             await channel.send_raw(binary_frame_header(len(data)), more=True)

@@ -48,9 +48,17 @@ class SocketTransport(Transport):
         self.raw = sock
         self._sock = sock
         self._fairness = Fairness()
+        self._drained = False
 
     async def recv(self, max_bytes: int) -> bytes:
-        return await recv(self._sock, max_bytes, self._fairness)
+        if self._drained:
+            # The last read came back short, so the socket was empty: wait first
+            # rather than spend a system call and an exception learning that again.
+            await trio.lowlevel.wait_readable(self._sock)
+            self._fairness.waited()
+        data = await recv(self._sock, max_bytes, self._fairness)
+        self._drained = 0 < len(data) < max_bytes
+        return data
 
     async def send_all(self, data: Bytes, *, more: bool = False) -> None:
         await send_all(self._sock, data, socket.MSG_MORE if more else 0)

@@ -167,7 +167,7 @@ class SpliceDownstream:
         channel = self.session.channel
         client = channel.transport.raw
         assert client is not None
-        async with channel.write_lock:
+        async with channel.write_turn:
             if self.session.protocol.state is not OPEN:
                 return False
             await channel.send_raw(binary_frame_header(n), more=True)
