@@ -42,6 +42,7 @@ log = logging.getLogger("trio_bridge.session")
 
 RECV_SIZE = 256 * 1024
 TRAFFIC_INTERVAL = 10.0
+SMALL_FRAME = 16 * 1024  # up to this payload size, header and payload go out as one write
 
 NORMAL, GOING_AWAY, ABNORMAL, INTERNAL_ERROR, INVALID_DATA = 1000, 1001, 1006, 1011, 1007
 DATA_OPCODES = (Opcode.BINARY, Opcode.TEXT, Opcode.CONT)
@@ -262,7 +263,7 @@ class Session:
         return len(data)
 
     async def _send_binary_frame(self, data: bytes) -> bool:
-        """Header and payload as two writes, sparing websockets' copy of the whole frame.
+        """A binary frame written without websockets' copy of the whole frame.
 
         False, sending nothing, once a close frame has gone out (RFC 6455 5.5.1).
         """
@@ -270,8 +271,12 @@ class Session:
         async with channel.write_turn:
             if self.protocol.state is not OPEN:
                 return False
-            await channel.send_raw(binary_frame_header(len(data)), more=True)
-            await channel.send_raw(data)
+            header = binary_frame_header(len(data))
+            if len(data) <= SMALL_FRAME:
+                await channel.send_raw(header + data)  # one system call beats saving a copy
+            else:
+                await channel.send_raw(header, more=True)
+                await channel.send_raw(data)
         return True
 
     async def read_target(self) -> bytes:
