@@ -11,6 +11,8 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from bench.procstat import raise_fd_limit
 from bench.proxies import PROXIES, ROOT
@@ -19,6 +21,13 @@ from bench.runner import Options, run
 
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs" / "performance.md"
+QUICK = {
+    "duration": 1.0,
+    "rounds": 1,
+    "round_trips": 1000,
+    "idle_sessions": 200,
+    "concurrent_sessions": 2000,
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,12 +64,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--only", choices=sorted(PROXIES), help="measure one proxy only")
     parser.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="measure nothing: print (and with --write-docs, document) a saved run",
+    )
+    parser.add_argument(
         "--write-docs", action="store_true", help=f"rewrite {DOCS.relative_to(ROOT)} from this run"
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.duration, args.rounds, args.round_trips = 1.0, 1, 1000
-        args.idle_sessions, args.concurrent_sessions = 200, 2000
+    if args.quick:  # smaller defaults; options given explicitly still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
     return args
 
 
@@ -81,8 +95,8 @@ def git_commit() -> str:
     return f"{head}+changes" if dirty else head or "unknown"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    """Run the benchmark; the raw results, with what was run where, saved as JSON."""
     raise_fd_limit()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     options = Options(
@@ -96,28 +110,44 @@ def main(argv: list[str] | None = None) -> int:
         pin=args.pin,
         nice=args.nice,
     )
+    commit = git_commit()  # before the run: the source is frozen as it starts
     started = time.monotonic()
     results = run(options)
-    elapsed = time.monotonic() - started
-    table = rows(results)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "command": " ".join(["./dev bench", *(argv if argv is not None else sys.argv[1:])]),
-        "elapsed_seconds": round(elapsed),
+        "elapsed_seconds": round(time.monotonic() - started),
         "options": {k: str(v) for k, v in vars(options).items()},
         "machine": machine(),
-        "commit": git_commit(),
+        "commit": commit,
+        "cpus": {
+            "proxy": sorted(options.proxy_cpus or []),
+            "client_and_target": sorted(options.load_cpus or []),
+        },
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     document = {"meta": meta, "results": results}
-    for path in (RESULTS / f"{stamp}.json", RESULTS / "latest.json"):
+    saved = RESULTS / f"{stamp}.json"
+    for path in (saved, RESULTS / "latest.json"):
         path.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"raw results in {saved.relative_to(ROOT)}", file=sys.stderr)
+    return document
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        document = json.loads(Path(args.from_json).read_text())
+    else:
+        document = measure(args, argv)
+    results = document["results"]
+    table = rows(results)
     print()
     print(text_table(table))
     others = disturbance(results)
     if others > 0.15:
         print(f"\nwarning: other programs used up to {others:.0%} of a core during a measurement")
-    print(f"\n{elapsed:.0f} s; raw results in {(RESULTS / f'{stamp}.json').relative_to(ROOT)}")
+    print(f"\n{document['meta']['elapsed_seconds']} s of measurement")
     if args.write_docs:
         from bench.docs import write_performance_md
 

@@ -20,14 +20,14 @@ def _busy_lines(results: dict[str, Any]) -> list[str]:
     """Median CPU share of each party per scenario: the proxy near 100% and the rest
     well below shows the proxy was what limited the figures."""
     lines = [
-        "| proxy | scenario | proxy | client | target | other programs |",
-        "|---|---|---|---|---|---|",
+        "| proxy | scenario | proxy | client | target | ksoftirqd | other programs |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, rounds in results["rounds"].items():
         for scenario in ("downstream", "upstream", "round_trip"):
             shares = [r[scenario]["busy"] for r in rounds]
             cells = []
-            for who in ("proxy", "client", "target", "others"):
+            for who in ("proxy", "client", "target", "softirq", "others"):
                 values = sorted(s[who] for s in shares)
                 cells.append(f"{values[len(values) // 2]:.0%}")
             lines.append(f"| {name} | {scenario} | " + " | ".join(cells) + " |")
@@ -59,6 +59,20 @@ def _memory_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _placement(meta: dict[str, Any]) -> str:
+    cpus = meta.get("cpus", {})
+    if not cpus.get("proxy"):
+        return "Processes were not pinned to cores (--no-pin or a single core)."
+
+    def cores(ids: list[int]) -> str:
+        return ("core " if len(ids) == 1 else "cores ") + ", ".join(map(str, ids))
+
+    return (
+        f"The proxy ran on {cores(cpus['proxy'])} by itself, the client and target on "
+        f"{cores(cpus['client_and_target'])}."
+    )
+
+
 def generated_section(document: dict[str, Any], table: list[Row]) -> str:
     meta, results = document["meta"], document["results"]
     m = meta["machine"]
@@ -70,6 +84,8 @@ def generated_section(document: dict[str, Any], table: list[Row]) -> str:
         f"Machine: {m['cores']} cores ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}; "
         f"trio {m['trio']}, websockets {m['websockets']}, websockify {m['websockify']} "
         f"with numpy {m['numpy']}.",
+        "",
+        _placement(meta),
         "",
         markdown_table(table),
         "",

@@ -19,8 +19,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +43,22 @@ TRIO_BRIDGE_MAX_CONNECTIONS = 10_000
 class ProxySpec:
     name: str
     argv: Callable[[int, int], list[str]]  # (listen port, target port) -> command line
+    package: str | None = None  # a package of this repository, frozen for the run
+
+
+@contextlib.contextmanager
+def frozen_source(package: str) -> Iterator[Path]:
+    """A copy of ``package``'s source, taken now, for the proxy to import instead.
+
+    The working tree may change while the bench runs (an editor saving, a branch
+    switch); each round restarts the proxy, which would then mix versions. The copy
+    is put first on the proxy's PYTHONPATH, ahead of the editable install.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-source-") as tmp:
+        shutil.copytree(
+            ROOT / package, Path(tmp) / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+        yield Path(tmp)
 
 
 def _trio_bridge_argv(port: int, target_port: int) -> list[str]:
@@ -56,7 +73,7 @@ def _websockify_argv(port: int, target_port: int) -> list[str]:
     return [sys.executable, "-m", "websockify", str(port), f"127.0.0.1:{target_port}"]
 
 
-TRIO_BRIDGE = ProxySpec("trio-bridge", _trio_bridge_argv)
+TRIO_BRIDGE = ProxySpec("trio-bridge", _trio_bridge_argv, package="trio_bridge")
 WEBSOCKIFY = ProxySpec("websockify", _websockify_argv)
 PROXIES = {spec.name: spec for spec in (TRIO_BRIDGE, WEBSOCKIFY)}
 
@@ -109,8 +126,10 @@ class RunningProxy:
         log_path: Path,
         cpus: set[int] | None = None,
         nice: int = 0,
+        source_root: Path | None = None,
     ) -> None:
         self.spec = spec
+        self.source_root = source_root
         self.cpus = cpus
         self.nice = nice
         self.target_port = target_port
@@ -128,8 +147,12 @@ class RunningProxy:
         self.port = free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
+        env = None
+        if self.spec.package and self.source_root:
+            env = {**os.environ, "PYTHONPATH": str(self.source_root)}
         self._process = subprocess.Popen(
             self.spec.argv(self.port, self.target_port),
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

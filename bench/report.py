@@ -37,6 +37,8 @@ class Row:
             return "-" if v is None else format(v, self.fmt)
 
         ratio = "-" if self.ratio is None else f"{self.ratio:.2f}x"
+        if self.ratio is not None and self.ratio < 0.1:
+            ratio = f"{self.ratio:.2g}x"  # e.g. memory: 0.0047x, not 0.00x
         met = {None: "", True: "met", False: "NOT MET"}[self.met]
         return [self.metric, value(self.trio), value(self.wsfy), ratio, self.target, met]
 

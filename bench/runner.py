@@ -9,6 +9,7 @@ once more started fresh, so the heap the bulk runs grew does not blur the baseli
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -17,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.procstat import cpu_layout, pin, priority, tree_pids, tree_pss_bytes
-from bench.proxies import PROXIES, TRIO_BRIDGE, ProxySpec, RunningProxy, TargetProcess
+from bench.proxies import (
+    PROXIES,
+    TRIO_BRIDGE,
+    ProxySpec,
+    RunningProxy,
+    TargetProcess,
+    frozen_source,
+)
 from bench.proxies import wait_for_tree_size as settle
 from bench.scenarios import Bulk, Meter, RoundTrips, downstream, round_trips, upstream
 from bench.sessions import hold_sessions
@@ -39,6 +47,7 @@ class Options:
     log_dir: Path
     pin: bool = True  # proxy on a core of its own, client and target on the others
     nice: int = 0  # for the proxy, client and target alike
+    source_root: Path | None = None  # where the frozen copy of trio_bridge is
 
     @property
     def proxy_cpus(self) -> set[int] | None:
@@ -63,7 +72,9 @@ def _single_session_round(
     spec: ProxySpec, target: TargetProcess, options: Options, round_no: int
 ) -> dict[str, Any]:
     log_path = options.log_dir / f"{spec.name}-round{round_no}.log"
-    with RunningProxy(spec, target.port, log_path, options.proxy_cpus, options.nice) as proxy:
+    with RunningProxy(
+        spec, target.port, log_path, options.proxy_cpus, options.nice, options.source_root
+    ) as proxy:
         meter = Meter(proxy.pid, target.pid)
         out: dict[str, Any] = {}
         for name, measure in (
@@ -117,7 +128,9 @@ def memory_run(
     A few sessions are opened and closed first, so that code and buffers every proxy
     sets up once (imports, pools) count in the baseline and not per session.
     """
-    with RunningProxy(spec, target.port, log_path, options.proxy_cpus, options.nice) as proxy:
+    with RunningProxy(
+        spec, target.port, log_path, options.proxy_cpus, options.nice, options.source_root
+    ) as proxy:
         hold_sessions(proxy.port, WARMUP_SESSIONS, dict)
         settle(proxy.pid, 1, SETTLE_TIMEOUT)
         time.sleep(0.5)
@@ -151,7 +164,12 @@ def run(options: Options) -> dict[str, Any]:
         "concurrent": None,
     }
     pin(options.load_cpus)  # this process is the client
-    with priority(options.nice), TargetProcess(options.load_cpus, options.nice) as target:
+    with (
+        frozen_source(TRIO_BRIDGE.package or "trio_bridge") as source_root,
+        priority(options.nice),
+        TargetProcess(options.load_cpus, options.nice) as target,
+    ):
+        options = dataclasses.replace(options, source_root=source_root)
         for round_no in range(1, options.rounds + 1):
             log(f"round {round_no}/{options.rounds}: throughput and round trips")
             for spec in specs:

@@ -23,7 +23,12 @@ from typing import Any
 import numpy as np
 
 from bench import wire
-from bench.procstat import machine_busy_seconds, own_cpu_seconds, tree_cpu_seconds
+from bench.procstat import (
+    machine_busy_seconds,
+    own_cpu_seconds,
+    softirq_thread_seconds,
+    tree_cpu_seconds,
+)
 from bench.wsclient import FrameReader, SessionFailed, binary_frame, open_session
 
 IO_TIMEOUT = 30.0  # no single send or receive may stall longer than this
@@ -52,6 +57,7 @@ class Window:
     client_cpu: float
     target_cpu: float
     machine_cpu: float  # every process on the machine, these three included
+    softirq_cpu: float  # the kernel's deferred network processing (ksoftirqd)
 
     def busy(self) -> dict[str, float]:
         """Each party's CPU as a share of one core: the proxy near 1.0 while the client
@@ -60,8 +66,14 @@ class Window:
             "proxy": self.proxy_cpu / self.seconds,
             "client": self.client_cpu / self.seconds,
             "target": self.target_cpu / self.seconds,
+            "softirq": self.softirq_cpu / self.seconds,
             "others": max(
-                0.0, self.machine_cpu - self.proxy_cpu - self.client_cpu - self.target_cpu
+                0.0,
+                self.machine_cpu
+                - self.proxy_cpu
+                - self.client_cpu
+                - self.target_cpu
+                - self.softirq_cpu,
             )
             / self.seconds,
         }
@@ -82,6 +94,7 @@ class Meter:
             _client_cpu(),
             own_cpu_seconds(self.target_pid),
             machine_busy_seconds(),
+            softirq_thread_seconds(),
         )
 
     def start(self) -> None:
@@ -135,7 +148,7 @@ class RoundTrips:
 def downstream(port: int, meter: Meter, duration: float) -> Bulk:
     """Target -> client for about ``duration`` seconds; exact byte count."""
     with contextlib.closing(open_session(port, IO_TIMEOUT)) as sock:
-        reader = FrameReader(sock)
+        reader = FrameReader(sock, discard=True)
         meter.start()
         deadline = time.perf_counter() + duration
         requested = 2 * DOWN_BATCH
