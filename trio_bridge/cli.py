@@ -14,13 +14,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import trio
 
 from . import __version__
 from .activation import Role, inherited_sockets
 from .addons import WrappedProgramExited
+from .arguments import OneLineParser, positive_number
 from .config import (
     DEFAULT_LISTEN_HOST,
     Address,
@@ -41,13 +42,6 @@ log = logging.getLogger("trio_bridge")
 SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def parse_size(text: str) -> int:
     number, suffix = text[:-1], text[-1:].lower()
     if suffix not in SIZE_SUFFIXES or suffix == "":
@@ -62,14 +56,7 @@ def parse_size(text: str) -> int:
     return value
 
 
-def parse_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
-    return value
+parse_seconds = positive_number("a number of seconds")
 
 
 def parse_mode(text: str) -> int:

@@ -19,11 +19,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 import trio
 
 from .. import __version__
+from ..arguments import OneLineParser, positive_number
 from ..config import ConfigError, TcpAddress, parse_host_port
 from ..observe import Direction
 from ..recording import RecordingError, open_recording
@@ -48,19 +49,7 @@ class Trouble(Exception):
     """Ends the program with status 2 and this one-line message."""
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(TROUBLE, f"{self.prog}: error: {message} (see {PROG} --help)\n")
-
-
-def _speed(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
-    return value
+_speed = positive_number("a number")
 
 
 def build_parser() -> OneLineParser:
