@@ -31,7 +31,7 @@ from websockets.http11 import Request
 
 from .config import ConfigError
 from .routing import ClientInfo, HttpRefusal, RequestGate
-from .tokens.registry import load_plugin_class
+from .tokens.registry import load_plugin
 
 if TYPE_CHECKING:
     from .config import Config
@@ -95,8 +95,10 @@ def read_credentials(source: str) -> dict[str, bytes]:
     if not path.is_file():
         if ":" not in source:
             raise ConfigError(f"--auth-source {source}: no such credentials file")
-        log.warning("BasicHTTPAuth: credentials on the command line are visible to every "
-                    "local user (ps); prefer a credentials file")
+        log.warning(
+            "BasicHTTPAuth: credentials on the command line are visible to every "
+            "local user (ps); prefer a credentials file"
+        )
         lines = [source]
     else:
         try:
@@ -216,10 +218,7 @@ def certificate_names(certificate: dict[str, Any] | None) -> set[str]:
     if not certificate:
         return set()
     names = {
-        value
-        for rdn in certificate.get("subject", ())
-        for key, value in rdn
-        if key == "commonName"
+        value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"
     }
     names.update(value for _, value in certificate.get("subjectAltName", ()))
     return names
@@ -281,15 +280,9 @@ class AuthSettings:
 
 
 def load_auth_plugin(name: str, source: str | None) -> RequestGate:
-    cls = load_plugin_class(
-        name, AUTH_PLUGINS, AUTH_SHORT_NAMES, "websockify.auth_plugins", "--auth-plugin"
+    plugin = load_plugin(
+        name, source, AUTH_PLUGINS, AUTH_SHORT_NAMES, "websockify.auth_plugins", "--auth-plugin"
     )
-    try:
-        plugin = cls(source)
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(f"--auth-plugin {name}: {exc}") from None
     if inspect.iscoroutinefunction(getattr(plugin, "check", None)):
         gate: RequestGate = plugin
         return gate

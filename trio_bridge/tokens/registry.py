@@ -70,6 +70,25 @@ def load_plugin_class(
         raise ConfigError(f"{flag}: module {module_name} has no {class_name}") from None
 
 
+def load_plugin(
+    name: str,
+    source: str | None,
+    builtins: Mapping[str, str],
+    short_names: Mapping[str, str],
+    websockify_module: str,
+    flag: str,
+) -> Any:
+    """An instance of the plugin ``name`` made from ``source``, as websockify makes them;
+    any failure is a :class:`ConfigError` naming the flag and the plugin."""
+    cls = load_plugin_class(name, builtins, short_names, websockify_module, flag)
+    try:
+        return cls(source)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{flag} {name}: {exc}") from None
+
+
 class BlockingTokenPlugin:
     """Adapts a websockify-style plugin: a blocking ``lookup(token)`` returning
     ``[host, port]``, ``["unix_socket", path]`` or None. It runs in a worker thread."""
@@ -99,15 +118,9 @@ class BlockingTokenPlugin:
 
 
 def load_token_plugin(name: str, source: str | None) -> TokenPlugin:
-    cls = load_plugin_class(
-        name, TOKEN_PLUGINS, TOKEN_SHORT_NAMES, "websockify.token_plugins", "--token-plugin"
+    plugin = load_plugin(
+        name, source, TOKEN_PLUGINS, TOKEN_SHORT_NAMES, "websockify.token_plugins", "--token-plugin"
     )
-    try:
-        plugin = cls(source)
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(f"--token-plugin {name}: {exc}") from None
     lookup = getattr(plugin, "lookup", None)
     if not callable(lookup):
         raise ConfigError(f"--token-plugin {name}: the plugin has no lookup(token) method")
