@@ -39,6 +39,8 @@ from websockets.trio.client import ClientConnection, connect, unix_connect
 from trio_bridge import systemd as sd
 
 from .conftest import TcpTarget, echo, free_port
+from .security_support import Pki
+from .security_support import pki as pki  # the fixture
 
 BRIDGE = str(Path(sys.executable).with_name("trio-bridge"))
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
@@ -317,6 +319,22 @@ async def test_several_named_sockets_ipv4_ipv6_unix(
 
 
 @needs_socket_activate
+async def test_wss_named_socket_serves_tls(echo_target: TcpTarget, pki: Pki) -> None:
+    """A socket named ``wss`` is served with ``--cert``: a TLS client relays through it."""
+    port = free_port()
+    with trio.fail_after(TIMEOUT):
+        argv = [BRIDGE, "--cert", str(pki.server_file), target_arg(echo_target)]
+        async with socket_activate([f"127.0.0.1:{port}"], argv, "--fdname=wss") as sa:
+            context = pki.client_context()
+            async with connect(
+                f"wss://127.0.0.1:{port}/", ssl=context, subprotocols=["binary"], proxy=None
+            ) as ws:
+                await check_relay(ws, b"over TLS")
+            await sa.wait_until(lambda text: " ended: " in text)
+    assert f"fd 3 (wss) 127.0.0.1:{port}" in sa.stderr
+
+
+@needs_socket_activate
 @pytest.mark.parametrize("inetd", [False, True], ids=["fd3", "inetd"])
 async def test_accept_yes_one_process_per_connection(echo_target: TcpTarget, inetd: bool) -> None:
     """Accept=yes: ``--accept`` passes each connection as fd 3 (named "connection" under
@@ -361,6 +379,7 @@ async def test_accept_yes_sigterm_closes_the_session_with_1001(echo_target: TcpT
     [
         ("bogus", "fd 3 (FileDescriptorName=bogus): unknown socket role 'bogus'"),
         ("connection", "fd 3 (FileDescriptorName=connection) is a listening socket"),
+        ("wss", "a socket named 'wss' needs --cert (and --key)"),
     ],
 )
 async def test_bad_socket_role_fails_the_start_with_a_clear_error(
@@ -429,7 +448,7 @@ async def test_activation_roles_and_socket_checks(short_tmp: Path) -> None:
         ([t], "metrics", ("ws", "metrics"), "fd 3 (metrics)"),
         # refused, naming the fd
         ([t], "wss", ("ws",), "error: fd 3 (FileDescriptorName=wss): TLS (wss) listeners are "
-         "not supported yet"),
+         "not served by this program"),
         ([t], "metrics", ("ws",), "error: fd 3 (FileDescriptorName=metrics): the metrics"),
         ([t, d], "ws:ws", ("ws",), "error: fd 4 (FileDescriptorName=ws) is not a stream socket"),
         ([t, pipe_r], None, ("ws",), "error: fd 4 is not a socket (a pipe)"),

@@ -18,9 +18,9 @@ checks ``LISTEN_PID`` and unsets the variables so no child inherits them), never
 hand. systemd-python is imported only when systemd actually passed sockets, so a bridge
 started by hand neither needs nor pays for it.
 
-A socket's *role* comes from its name. Only plain WebSocket (``ws``) listeners are
-served today; ``wss`` and ``metrics`` are reserved names that fail with a clear "not
-supported yet" until their features exist, when a caller adds them to ``serve_roles``.
+A socket's *role* comes from its name: ``ws`` (or no name), ``wss`` (served like ``ws``
+with ``--cert``), ``metrics``. A caller lists the roles it serves in ``serve_roles``;
+a socket of any other role fails with a clear message instead of sitting idle.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ class Role(enum.Enum):
 
 
 NOT_SUPPORTED_YET = {
-    Role.WSS: "TLS (wss) listeners are not supported yet",
-    Role.METRICS: "the metrics endpoint is not supported yet",
+    Role.WSS: "TLS (wss) listeners are not served by this program",
+    Role.METRICS: "the metrics endpoint is not served by this program",
 }
 
 # The names sd_listen_fds_with_names() reports for a socket nobody named: "unknown"

@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     args.wrap_command = command
     try:
         # First: LISTEN_FDS is read (and unset) once, and decides whether to bind.
-        inherited = inherited_sockets(serve_roles=(Role.WS, Role.METRICS))
+        inherited = inherited_sockets(serve_roles=(Role.WS, Role.WSS, Role.METRICS))
         setup_logging(args.verbose, args.log)
     except StartupError as exc:
         print(f"trio-bridge: {exc}", file=sys.stderr)
@@ -503,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args, sockets_inherited=inherited is not None)
     except ConfigError as exc:
         parser.error(str(exc))
+    if inherited is not None and inherited.listening(Role.WSS) and config.tls is None:
+        print("trio-bridge: a socket named 'wss' needs --cert (and --key)", file=sys.stderr)
+        return 1
     failures: list[StartupError] = []
     status = 0
     try:

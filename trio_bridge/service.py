@@ -49,7 +49,11 @@ async def run(config: Config, inherited: InheritedSockets | None = None) -> None
                 await _serve_one(bridge, inherited.connection, link, signals)
                 return
             async with trio.open_nursery() as nursery:
-                listeners = inherited.listening() if inherited is not None else None
+                listeners = None
+                if inherited is not None:
+                    # wss sockets take the same path: with --cert, each connection's first
+                    # byte tells TLS from plain (--ssl-only refuses plain ones).
+                    listeners = inherited.listening(Role.WS) + inherited.listening(Role.WSS)
                 start = (addons.serve, bridge, listeners)
                 if not await _start_unless_stopped(signals, nursery, *start):
                     nursery.cancel_scope.cancel()  # it may have started in the same instant
