@@ -16,7 +16,7 @@ from typing import Any
 
 from bench.procstat import raise_fd_limit
 from bench.proxies import PROXIES, ROOT
-from bench.report import disturbance, machine, rows, text_table
+from bench.report import disturbance, filesystem, machine, rows, text_table
 from bench.runner import Options, run
 
 RESULTS = ROOT / "bench" / "results"
@@ -47,6 +47,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-sessions", type=int, default=1000, help="(1000)")
     parser.add_argument(
         "--concurrent-sessions", type=int, default=8000, help="trio-bridge only; 0 skips (8000)"
+    )
+    parser.add_argument(
+        "--no-recording",
+        dest="recording",
+        action="store_false",
+        help="skip trio-bridge's bulk runs with --record (recording on against off)",
+    )
+    parser.add_argument(
+        "--recording-dir",
+        default="/var/tmp",
+        metavar="DIR",
+        help="the --record runs write to a temporary folder in DIR, removed afterwards; "
+        "it should be on a real disk, not a tmpfs (/var/tmp)",
     )
     parser.add_argument(
         "--no-pin",
@@ -109,6 +122,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         log_dir=RESULTS / f"logs-{stamp}",
         pin=args.pin,
         nice=args.nice,
+        recording=args.recording,
+        recording_dir=Path(args.recording_dir),
     )
     commit = git_commit()  # before the run: the source is frozen as it starts
     started = time.monotonic()
@@ -120,6 +135,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         "options": {k: str(v) for k, v in vars(options).items()},
         "machine": machine(),
         "commit": commit,
+        "recording_dir": f"{args.recording_dir} ({filesystem(args.recording_dir)})",
         "cpus": {
             "proxy": sorted(options.proxy_cpus or []),
             "client_and_target": sorted(options.load_cpus or []),

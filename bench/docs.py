@@ -23,9 +23,14 @@ def _busy_lines(results: dict[str, Any]) -> list[str]:
         "| proxy | scenario | proxy | client | target | ksoftirqd | other programs |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, rounds in results["rounds"].items():
+    runs = dict(results["rounds"])
+    if results.get("recording"):
+        runs[f"{TRIO} --record"] = results["recording"]
+    for name, rounds in runs.items():
         for scenario in ("downstream", "upstream", "round_trip"):
-            shares = [r[scenario]["busy"] for r in rounds]
+            shares = [r[scenario]["busy"] for r in rounds if scenario in r]
+            if not shares:
+                continue
             cells = []
             for who in ("proxy", "client", "target", "softirq", "others"):
                 values = sorted(s[who] for s in shares)
@@ -73,6 +78,16 @@ def _placement(meta: dict[str, Any]) -> str:
     )
 
 
+def _recording_note(meta: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    if not results.get("recording"):
+        return []
+    return [
+        f"In the `--record` rows the ratio is {TRIO} recording on / off (its own rows "
+        "above, same rounds); the recordings went to a temporary folder in "
+        f"{meta.get('recording_dir', 'an unrecorded folder')}, each deleted once written.",
+    ]
+
+
 def generated_section(document: dict[str, Any], table: list[Row]) -> str:
     meta, results = document["meta"], document["results"]
     m = meta["machine"]
@@ -91,6 +106,7 @@ def generated_section(document: dict[str, Any], table: list[Row]) -> str:
         "",
         f"Ratios are {TRIO} / {WSFY}; each figure is the median of "
         f"{meta['options']['rounds']} rounds.",
+        *_recording_note(meta, results),
         "",
         "Sessions held open:",
         "",

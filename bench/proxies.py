@@ -78,6 +78,15 @@ WEBSOCKIFY = ProxySpec("websockify", _websockify_argv)
 PROXIES = {spec.name: spec for spec in (TRIO_BRIDGE, WEBSOCKIFY)}
 
 
+def recording(spec: ProxySpec, folder: Path) -> ProxySpec:
+    """``spec`` (trio-bridge) recording every session to its own file in ``folder``."""
+    return ProxySpec(
+        f"{spec.name} --record",
+        lambda port, target_port: [*spec.argv(port, target_port), "--record", str(folder)],
+        package=spec.package,
+    )
+
+
 class StartError(RuntimeError):
     """A process under test did not come up; the message includes its log's tail."""
 

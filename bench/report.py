@@ -1,7 +1,8 @@
 """From raw results to the comparison table, the targets, and docs/performance.md.
 
 Each figure is the median over the rounds, so one disturbed round does not move it;
-the ratio is trio-bridge / websockify, the way the targets are written.
+the ratio is trio-bridge / websockify, the way the targets are written, except in the
+``--record`` rows: there it is trio-bridge with recording on / off.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ class Row:
     fmt: str  # format of the two values
     target: str = ""
     met: bool | None = None  # None: no target for this row, or not measured
+    versus: float | None = None  # the ratio's denominator when it is not websockify's value
 
     @property
     def ratio(self) -> float | None:
-        if self.trio is None or not self.wsfy:
+        base = self.wsfy if self.versus is None else self.versus
+        if self.trio is None or not base:
             return None
-        return self.trio / self.wsfy
+        return self.trio / base
 
     def cells(self) -> list[str]:
         def value(v: float | None) -> str:
@@ -55,10 +58,11 @@ def _ratio_row(
     fmt: str,
     target: str = "",
     test: Callable[[float], bool] | None = None,
+    versus: float | None = None,
 ) -> Row:
-    row = Row(metric, trio, wsfy, fmt, target)
+    row = Row(metric, trio, wsfy, fmt, target, versus=versus)
     if test is not None and row.ratio is not None:
-        row = Row(metric, trio, wsfy, fmt, target, test(row.ratio))
+        row = Row(metric, trio, wsfy, fmt, target, test(row.ratio), versus)
     return row
 
 
@@ -103,6 +107,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
         _ratio_row("64 B round trip p99 (us)", *both("round_trip", "p99_us"), ".0f"),
         _ratio_row("proxy CPU per round trip (us)", *both("round_trip", "cpu_us_per_rt"), ".0f"),
     ]
+    table += _recording_rows(results.get("recording"), rounds.get(TRIO, []))
     idle = results["idle"]
     per_session = {
         name: idle[name]["pss_per_session"] / 1024
@@ -149,6 +154,45 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     ".1f",
                 )
             )
+    return table
+
+
+COMPLETE = 0.999  # recording file / relayed bytes; record headers put a full one above 1
+
+
+def _recording_rows(on: list[dict[str, Any]] | None, off: list[dict[str, Any]]) -> list[Row]:
+    """trio-bridge with ``--record DIR``, against its own bulk figures without it (same
+    rounds): the ratio column is on / off.
+
+    The recorder drops frames rather than slow the relay when its writer falls behind,
+    so throughput with recording on only counts when the recordings are complete: the
+    target is met when the ratio is >= 0.8 *and* every recording held the bytes relayed.
+    """
+    if not on:
+        return []
+    table = []
+    for scenario in ("downstream", "upstream"):
+        share = min(r[scenario]["recorded_share"] for r in on)
+        complete = share >= COMPLETE
+        table += [
+            _ratio_row(
+                f"{scenario} throughput, --record (MiB/s)",
+                _median(on, scenario, "mib_per_s"),
+                None,
+                ".0f",
+                "on >= 0.8x off, all recorded",
+                lambda ratio: ratio >= 0.8 and complete,  # noqa: B023 (used at once)
+                versus=_median(off, scenario, "mib_per_s"),
+            ),
+            Row(f"  {scenario} bytes in the recording (lowest)", share, None, ".1%"),
+            _ratio_row(
+                f"{scenario} proxy CPU, --record (s/GiB)",
+                _median(on, scenario, "cpu_s_per_gib"),
+                None,
+                ".2f",
+                versus=_median(off, scenario, "cpu_s_per_gib"),
+            ),
+        ]
     return table
 
 
@@ -207,8 +251,25 @@ def disturbance(results: dict[str, Any]) -> float:
     """The largest share of a core that other programs took during a measurement."""
     shares = [
         r[scenario]["busy"]["others"]
-        for rounds in results["rounds"].values()
+        for rounds in (*results["rounds"].values(), results.get("recording") or [])
         for r in rounds
         for scenario in ("downstream", "upstream", "round_trip")
+        if scenario in r
     ]
     return max(shares, default=0.0)
+
+
+def filesystem(path: str) -> str:
+    """``path``'s file system type and device, from /proc/mounts (e.g. "ext4 on /dev/vda"):
+    recordings on a tmpfs would measure memory, not a disk."""
+    real, best = os.path.realpath(path), ("", "unknown file system")
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                device, mount, kind = line.split()[:3]
+                inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best[0]):
+                    best = (mount, f"{kind} on {device}")
+    except OSError:
+        pass
+    return best[1]

@@ -111,6 +111,7 @@ class Bulk:
     bytes: int
     frames: int  # data frames the client received downstream / sent upstream
     window: Window
+    recorded_bytes: int | None = None  # size of the session's recording (--record runs)
 
     @property
     def mib_per_s(self) -> float:
@@ -121,12 +122,17 @@ class Bulk:
         return self.window.proxy_cpu / (self.bytes / GIB)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             **asdict(self),
             "mib_per_s": self.mib_per_s,
             "cpu_s_per_gib": self.cpu_s_per_gib,
             "busy": self.window.busy(),
         }
+        if self.recorded_bytes is not None:
+            # Recording file / relayed payload: ~1.0 (22-byte record headers add a little),
+            # lower when the recorder dropped frames because the disk fell behind.
+            out["recorded_share"] = self.recorded_bytes / self.bytes
+        return out
 
 
 @dataclass
