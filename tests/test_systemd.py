@@ -357,6 +357,18 @@ async def test_accept_yes_one_process_per_connection(echo_target: TcpTarget, ine
 
 
 @needs_socket_activate
+async def test_accept_yes_with_wrap_mode_is_a_startup_error() -> None:
+    port = free_port()
+    argv = [BRIDGE, "--wrap-stdio", "--", "cat"]
+    with trio.fail_after(TIMEOUT):
+        async with socket_activate([f"127.0.0.1:{port}"], argv, "--accept") as sa:
+            client = await trio.open_tcp_stream("127.0.0.1", port)  # spawns one bridge
+            await sa.wait_until(lambda text: "died with code 1" in text)
+            await client.aclose()
+    assert "trio-bridge: wrap mode cannot serve an Accept=yes connection" in sa.stderr
+
+
+@needs_socket_activate
 async def test_accept_yes_sigterm_closes_the_session_with_1001(echo_target: TcpTarget) -> None:
     port = free_port()
     argv = [BRIDGE, target_arg(echo_target)]

@@ -399,6 +399,8 @@ def config_from_args(args: argparse.Namespace, *, sockets_inherited: bool = Fals
     if not command and (args.wrap_mode or args.wrap_stdio):
         raise ConfigError("--wrap-mode and --wrap-stdio need a program: ... -- PROGRAM ARGS")
     untargeted = by_token or args.file_only or bool(command and len(endpoints) == wanted - 1)
+    if command and sockets_inherited and args.unix_listen is None and len(endpoints) == wanted - 2:
+        untargeted = True  # no listen address (inherited) and no target (the program's port)
     wanted -= untargeted
     no_listen = sockets_inherited and args.unix_listen is None and len(endpoints) == wanted - 1
     if len(endpoints) != wanted and not no_listen:
@@ -505,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if inherited is not None and inherited.listening(Role.WSS) and config.tls is None:
         print("trio-bridge: a socket named 'wss' needs --cert (and --key)", file=sys.stderr)
+        return 1
+    if inherited is not None and inherited.connection is not None and config.wrap is not None:
+        # One process per connection cannot supervise a long-lived wrapped program.
+        print("trio-bridge: wrap mode cannot serve an Accept=yes connection", file=sys.stderr)
         return 1
     failures: list[StartupError] = []
     status = 0
