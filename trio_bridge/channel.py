@@ -47,8 +47,7 @@ class ClientChannel:
         self.protocol = protocol
         self.peer = peer
         self.eof_sent = False
-        self.write_lock = trio.StrictFIFOLock()
-        self.write_turn = WriteTurn(self.write_lock)
+        self.write_turn = WriteTurn(trio.StrictFIFOLock())
 
     async def flush(self) -> None:
         """Send everything the protocol has queued, in order; half-close on its EOF marker.

@@ -229,7 +229,7 @@ class Session:
             await self.target.send_all(data)
         except PEER_GONE:
             self._target_failed = True
-            self.request_close(INTERNAL_ERROR, f"target {self.stats.target} reset the connection")
+            self.target_reset()
 
     async def _target_to_client(self) -> None:
         try:
@@ -284,11 +284,17 @@ class Session:
         try:
             data = await self.target.recv(RECV_SIZE)
         except PEER_GONE:
-            self.request_close(INTERNAL_ERROR, f"target {self.stats.target} reset the connection")
+            self.target_reset()
             return b""
         if not data:
-            self.request_close(NORMAL, "target closed the connection")
+            self.target_closed()
         return data
+
+    def target_closed(self) -> None:
+        self.request_close(NORMAL, "target closed the connection")
+
+    def target_reset(self) -> None:
+        self.request_close(INTERNAL_ERROR, f"target {self.stats.target} reset the connection")
 
     # -- closing ---------------------------------------------------------------------
 

@@ -138,12 +138,10 @@ class SpliceDownstream:
                     pipe = None
                     continue
                 except PEER_GONE:
-                    session.request_close(
-                        1011, f"target {session.stats.target} reset the connection"
-                    )
+                    session.target_reset()
                     return
                 if n == 0:
-                    session.request_close(1000, "target closed the connection")
+                    session.target_closed()
                     return
                 holds_data = True
                 if not await self._drain(pipe, n):
