@@ -163,4 +163,3 @@ class TokenFileName:
         if not is_plain_file_name(token):
             return None
         return await trio.to_thread.run_sync(self._read, token)
-
