@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import re
 import time
 import tracemalloc
@@ -18,6 +20,7 @@ from trio_bridge.observe import Direction, SessionInfo
 from trio_bridge.pytest_plugin import StartBridge
 from trio_bridge.recording import (
     FrameRecord,
+    GapRecord,
     Kind,
     LoadedRecording,
     Outcome,
@@ -27,10 +30,11 @@ from trio_bridge.recording import (
     open_recording,
 )
 from trio_bridge.recording.buffer import EventBuffer
-from trio_bridge.recording.format import Meta, encode_header
+from trio_bridge.recording.format import HEADER_SIZE, Meta, encode_header, encode_prelude
 from trio_bridge.recording.recorder import SessionRecorder, recording_name
 from trio_bridge.recording.writer import RecordingFile
 from trio_bridge.replay import PayloadView, print_timeline
+from trio_bridge.session import RECV_SIZE
 
 from .test_recording_support import (
     BIG,
@@ -45,6 +49,7 @@ from .test_recording_support import (
     start_tcp_target,
 )
 
+DATA = Path(__file__).parent / "data"
 NAME = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z)_([0-9a-f]{8})_127\.0\.0\.1-\d+_127\.0\.0\.1-\d+\.tbrec$")
 
 
@@ -126,6 +131,31 @@ async def test_names_sort_by_time_and_files_are_compact(
         assert path.stat().st_size <= payload * 1.05
 
 
+async def test_target_data_relayed_by_splice_is_recorded_byte_for_byte(
+    nursery: trio.Nursery, start_ws_bridge: StartBridge, tmp_path: Path
+) -> None:
+    """Bulk target data takes the zero-copy path (frames larger than one framed read
+    of RECV_SIZE prove it); the recorder tee(2)s it and the file holds every byte."""
+    data = os.urandom(16 << 20)
+
+    async def bulk_target(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(data)
+            await stream.receive_some()  # until the client closes
+
+    target = await start_tcp_target(nursery, bulk_target)
+    running = await start_ws_bridge(target, record=tmp_path)
+    with trio.fail_after(30):
+        async with connect(running.url, max_size=None) as ws:
+            assert await receive_bytes(ws, len(data)) == data
+        (path,) = await running.recordings(1)
+    recording = load_recording(path)
+    assert recording.status.complete and not recording.gaps
+    down = [f for f in recording.frames(Direction.DOWN) if f.kind is Kind.BINARY]
+    assert b"".join(f.payload for f in down) == data
+    assert max(len(f.payload) for f in down) > RECV_SIZE
+
+
 def test_file_name_is_readable_for_every_address() -> None:
     info = SessionInfo("1cc78eb0", "[::1]:35798", "unix:/run/vnc.sock", "/", None, 0.5)
     expected = "19700101T000000.500000Z_1cc78eb0_1-35798_unix-run-vnc.sock.tbrec"
@@ -152,10 +182,10 @@ def small_recording() -> tuple[bytes, list[int]]:
         (Kind.CLOSE, 0x03, 61, b"\x03\xe8bye"),
         (Kind.END, 0, 70, b'{"close_code":1000,"close_reason":"bye","closed_by":"client"}'),
     ]
-    buffer.write(b"\x89TBR\r\n\x1a\n\x00\x01\x00\x00")
+    buffer.write(encode_prelude())
     ends = []
     for kind, flags, time_us, payload in frames:
-        buffer.write(encode_header(kind, flags, time_us, payload) + payload)
+        buffer.write(encode_header(kind, flags, time_us, len(payload)) + payload)
         ends.append(buffer.tell())
     return buffer.getvalue(), ends
 
@@ -191,11 +221,13 @@ def test_a_file_cut_at_any_byte_reads_up_to_its_last_complete_record() -> None:
             assert "ends inside" in status.detail
 
 
-def test_a_damaged_byte_stops_reading_at_its_record() -> None:
+def test_a_damaged_header_byte_stops_reading_at_its_record() -> None:
     data, ends = small_recording()
     full, _ = read_all(data)
-    meta_end, starts = ends[0], ends[:-1]
-    for position in range(meta_end, len(data)):
+    starts = ends[:-1]  # of every record after META
+    headers = [p for s in starts for p in range(s, s + HEADER_SIZE)]
+    assert len(headers) == 9 * 18
+    for position in headers:
         damaged = bytearray(data)
         damaged[position] ^= 0x20
         records, reader = read_all(bytes(damaged))
@@ -206,14 +238,35 @@ def test_a_damaged_byte_stops_reading_at_its_record() -> None:
         assert records == full[: starts.index(damaged_record)]
 
 
+def test_version_1_files_still_read_and_their_payload_checksums_still_count() -> None:
+    """A file written by trio-bridge 0.1.0 (format 1: a CRC-32 of every payload)."""
+    data = (DATA / "recording-v1.tbrec").read_bytes()
+    records, reader = read_all(data)
+    assert reader.layout.version == 1 and reader.meta.session_id == "0ld5e551"
+    assert reader.status is not None and reader.status.complete
+    frames = [r for r in records if isinstance(r, FrameRecord)]
+    assert [f.payload for f in frames[:2]] == [b"RFB 003.008\n"] * 2
+    assert [f.direction for f in frames[:2]] == [Direction.DOWN, Direction.UP]
+    (gap,) = [r for r in records if isinstance(r, GapRecord)]
+    assert (gap.frames_up, gap.bytes_down) == (1, 200)
+    position = data.index(b"part two")  # a payload byte: only format 1 can tell
+    damaged = bytearray(data)
+    damaged[position] ^= 0x20
+    records, reader = read_all(bytes(damaged))
+    assert reader.status is not None and reader.status.outcome is Outcome.CORRUPT
+    assert "payload fails its checksum" in reader.status.detail
+    assert len(records) == 3
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
         (b"", "the file is empty"),
         (b"\x89TBR\r", "ends inside the 12-byte prelude"),
         (b"GIF89a" + bytes(20), "not a trio-bridge recording"),
-        (b"\x89TBR\r\n\x1a\n\x00\x02\x00\x00", "version 2 is not supported"),
+        (b"\x89TBR\r\n\x1a\n\x00\x03\x00\x00", "version 3 is not supported"),
         (b"\x89TBR\r\n\x1a\n\x00\x01\x00\x00" + bytes(40), "checksum"),
+        (b"\x89TBR\r\n\x1a\n\x00\x02\x00\x00" + bytes(40), "checksum"),
     ],
 )
 def test_files_that_are_not_recordings_give_one_line_with_the_offset(
@@ -258,23 +311,29 @@ def test_reading_and_printing_a_large_recording_keeps_memory_flat(tmp_path: Path
 # -- the recorder's buffer --------------------------------------------------------------------
 
 
-async def test_a_full_buffer_drops_frames_and_marks_the_gap(tmp_path: Path) -> None:
+def test_a_full_buffer_drops_frames_and_marks_the_gap(tmp_path: Path) -> None:
     from websockets.frames import Frame, Opcode
 
     info = SessionInfo("00000001", "c:1", "t:2", "/", None, 0.0)
-    buffer = EventBuffer(limit=4000)
+    signals: list[bool] = []
+    buffer = EventBuffer(limit=4000, on_ready=signals.append)
     observer = SessionRecorder(info, tmp_path / "x.tbrec", buffer)
-    for _ in range(10):
-        observer.on_frame(Direction.UP, Frame(Opcode.BINARY, bytes(1000)))
-    taken = await buffer.take()
-    assert len(taken) == 3  # the rest did not fit
+    for _ in range(10):  # each costs 500 + 160 bytes
+        observer.on_frame(Direction.UP, Frame(Opcode.BINARY, bytes(500)))
+    assert signals == [False, True]  # the first entry, then a full batch (limit / 4)
+    taken = buffer.take()
+    assert len(taken) == 6  # the rest did not fit
+    observer.on_frame(Direction.UP, Frame(Opcode.BINARY, bytes(500)))  # still in flight
     buffer.written()
     observer.on_frame(Direction.DOWN, Frame(Opcode.BINARY, b"after"))
     observer.on_end(1000, "", "client")
-    gap, after, end = await buffer.take()
-    assert gap[0] == Kind.GAP and b'"frames_up":7,"bytes_up":7000' in gap[3]
+    assert signals[2:] == [False, True]  # the first entry after the take, then the END
+    gap, after, end = buffer.take()
+    assert gap[0] == Kind.GAP and b'"frames_up":5,"bytes_up":2500' in gap[3]
     assert after[3] == b"after" and end[0] == Kind.END
-    assert buffer.dropped.total_frames == 7
+    assert buffer.dropped.total_frames == 5
+    observer.on_frame(Direction.UP, Frame(Opcode.BINARY, b"late"))  # after END: ignored
+    assert buffer.take() == [] and signals[4:] == []
 
 
 # -- the --record option ----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from websockets.trio.client import connect
 from trio_bridge.observe import Direction
 from trio_bridge.pytest_plugin import StartBridge
 from trio_bridge.recording import load_recording
+from trio_bridge.recording.format import HEADER_SIZE
 from trio_bridge.replay.cli import main
 from trio_bridge.replay.messages import recorded_messages
 
@@ -101,7 +102,7 @@ async def test_a_cut_recording_prints_what_it_has_and_says_where_it_stops(
     (line,) = err.splitlines()
     assert re.fullmatch(
         rf"trio-bridge-replay: {re.escape(str(cut))}: truncated at offset \d+: the file ends "
-        rf"inside a record \(978 of {len(BIG)} payload bytes present\)",
+        rf"inside a record \({1000 - HEADER_SIZE} of {len(BIG)} payload bytes present\)",
         line,
     )
     assert "  up    binary         12" in out and "file: truncated at offset" in out

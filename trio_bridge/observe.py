@@ -5,6 +5,11 @@ An observer sees every WebSocket frame of a session as websockets'
 Data from the target is reported as the binary frame that carried it to the client.
 Callbacks are synchronous and must not block: an observer that needs I/O buffers
 and does it elsewhere, because the relay waits for nobody.
+
+On plain TCP without compression the bridge splices bulk target data to the client
+without reading it (:mod:`trio_bridge.zerocopy`). An observer that implements
+:class:`SplicedDataObserver` is shown those bytes in the pipe, to copy with tee(2);
+for any other observer the session relays through Python so ``on_frame`` sees them.
 """
 
 from __future__ import annotations
@@ -35,6 +40,16 @@ class SessionObserver(Protocol):
     def on_frame(self, direction: Direction, frame: Frame) -> None: ...
 
     def on_end(self, close_code: int | None, close_reason: str, closed_by: str) -> None: ...
+
+
+class SplicedDataObserver(SessionObserver, Protocol):
+    def on_spliced_data(self, pipe: int, length: int) -> None:
+        """``length`` bytes of target data wait in the pipe whose read end is ``pipe``,
+        to be sent to the client next as one final binary frame.
+
+        Called before they are sent; copy them without consuming them (tee(2)).
+        """
+        ...
 
 
 class ObserverFactory(Protocol):

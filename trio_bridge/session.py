@@ -233,7 +233,7 @@ class Session:
 
     async def _target_to_client(self) -> None:
         try:
-            if self.config.zero_copy and self.observer is None and SpliceDownstream.usable(self):
+            if self.config.zero_copy and SpliceDownstream.usable(self):
                 await SpliceDownstream(self).run()
             else:
                 await self._target_to_client_framed()

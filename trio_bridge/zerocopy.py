@@ -7,35 +7,36 @@ the header (with ``MSG_MORE`` so header and payload leave in one segment). This 
 the CPU per byte relayed downstream, the direction that carries a VNC screen.
 
 Only used when nothing has to transform the payload: no permessage-deflate and no
-TLS. Pipes come from a small process-wide pool and are held only while a chunk is in
-flight, so idle sessions cost no extra file descriptors.
+TLS. Pipes come from a small process-wide pool (:mod:`trio_bridge.pipes`) and are
+held only while a chunk is in flight, so idle sessions cost no extra file
+descriptors. A recording observer gets each chunk before it is sent, to tee(2) it
+(:mod:`trio_bridge.recording.pipes`), so recording keeps this path.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import trio
 from websockets.protocol import OPEN
 
 from .channel import ClientGone
 from .netio import PEER_GONE, Fairness
+from .pipes import PIPE_SIZE, PIPES
 
 log = logging.getLogger("trio_bridge.zerocopy")
 
 if TYPE_CHECKING:
+    from .observe import SplicedDataObserver
     from .session import Session
 
-CHUNK = 1024 * 1024
+CHUNK = PIPE_SIZE
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 OPCODE_BINARY_FIN = 0x82
 SPLICE_AFTER = 64 * 1024  # a framed read at least this large switches to splicing
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 def binary_frame_header(length: int) -> bytes:
@@ -51,43 +52,6 @@ def binary_frame_header(length: int) -> bytes:
     return struct.pack("!BBQ", OPCODE_BINARY_FIN, 127, length)
 
 
-class PipePool:
-    """Empty pipes to reuse; a pipe that may hold data is closed instead of returned.
-
-    Pipes are enlarged to CHUNK (1 MiB, the default pipe-max-size) so that one frame
-    carries up to 1 MiB: with 64 KiB pipes the per-chunk Python and system-call cost
-    ate the gain of not copying. The kernel caps the pages a user's pipes may hold
-    (fs.pipe-user-pages-soft, 64 MiB by default); past that a pipe keeps its default
-    size, which is slower but still correct. Keeping few idle pipes stays well inside.
-    """
-
-    def __init__(self, keep: int = 16) -> None:
-        self._free: list[tuple[int, int]] = []
-        self._keep = keep
-
-    def take(self) -> tuple[int, int]:
-        if self._free:
-            return self._free.pop()
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # capped by /proc/sys/fs/pipe-max-size
-            fcntl.fcntl(w, F_SETPIPE_SZ, CHUNK)
-        return r, w
-
-    def give_back(self, pipe: tuple[int, int]) -> None:
-        if len(self._free) < self._keep:
-            self._free.append(pipe)
-        else:
-            self.discard(pipe)
-
-    @staticmethod
-    def discard(pipe: tuple[int, int]) -> None:
-        os.close(pipe[0])
-        os.close(pipe[1])
-
-
-PIPES = PipePool()
-
-
 class SpliceDownstream:
     """Relays target -> client for one session with splice(2)."""
 
@@ -98,6 +62,7 @@ class SpliceDownstream:
     def usable(session: Session) -> bool:
         return (
             hasattr(os, "splice")
+            and (session.observer is None or hasattr(session.observer, "on_spliced_data"))
             and not session.protocol.extensions
             and session.channel.transport.raw is not None
             and session.target.raw is not None
@@ -107,6 +72,7 @@ class SpliceDownstream:
         session = self.session
         target = session.target.raw
         assert target is not None
+        observer = cast("SplicedDataObserver | None", session.observer)
         fairness = Fairness()
         pipe: tuple[int, int] | None = None
         holds_data = False
@@ -144,7 +110,7 @@ class SpliceDownstream:
                     session.target_closed()
                     return
                 holds_data = True
-                if not await self._drain(pipe, n):
+                if not await self._drain(pipe, n, observer):
                     return
                 holds_data = False
                 session.stats.bytes_down += n
@@ -156,11 +122,13 @@ class SpliceDownstream:
                 else:
                     PIPES.give_back(pipe)
 
-    async def _drain(self, pipe: tuple[int, int], n: int) -> bool:
+    async def _drain(
+        self, pipe: tuple[int, int], n: int, observer: SplicedDataObserver | None
+    ) -> bool:
         """Write one frame: header from Python, payload from the pipe, under the write lock.
 
         Returns False, sending nothing, once a close frame has gone out: no data frame
-        may follow it (RFC 6455 5.5.1).
+        may follow it (RFC 6455 5.5.1). The observer sees exactly the frames sent.
         """
         channel = self.session.channel
         client = channel.transport.raw
@@ -168,6 +136,8 @@ class SpliceDownstream:
         async with channel.write_turn:
             if self.session.protocol.state is not OPEN:
                 return False
+            if observer is not None:
+                observer.on_spliced_data(pipe[0], n)
             await channel.send_raw(binary_frame_header(n), more=True)
             left = n
             while left:

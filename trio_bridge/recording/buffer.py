@@ -1,31 +1,51 @@
-"""The bounded hand-off between a live session and its recording's writer task.
+"""The bounded hand-off between a live session and the thread that writes its recording.
 
 The relay calls :meth:`EventBuffer.put` synchronously for every frame and must never
 wait for the disk, so ``put`` either queues the record or, when the buffer is full,
 drops it and counts it in a :class:`Loss`. The next record that fits is preceded by a
 GAP record carrying those counts, so the file says exactly where events are missing
 and how many.
+
+The buffer is shared by two threads: the event loop puts, the recording thread takes.
+A ``threading.Condition`` (the recording thread's, shared by all its buffers) guards
+it; the relay holds it for a few attribute updates per frame and signals the thread
+only when a buffer becomes non-empty or a batch is full, not for every frame.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import trio
-
 from .format import FLAG_DOWN, GapRecord, Kind
+from .pipes import PipeChunk
+
+#: What a record's payload can be: bytes, or target data held in a pipe (tee(2)).
+Payload = bytes | PipeChunk
 
 #: A queued record: (kind, flags, time_us, payload), ready to be encoded.
-Entry = tuple[int, int, int, bytes]
+Entry = tuple[int, int, int, Payload]
 
 #: What a queued entry costs in memory besides its payload (tuple, ints, bytes object).
 ENTRY_OVERHEAD = 160
 
-#: The writer lets up to this much queue up, for at most FLUSH_DELAY seconds, before it
-#: takes a batch: one thread hand-off per batch rather than per frame keeps the relay's
-#: share of the recording's cost small (the hand-off, not the frame, is what costs).
+#: Pipes a session may hold queued for its recording (two descriptors each). A
+#: pipe chunk's bytes count against the buffer's limit like any payload.
+MAX_PIPES = 16
+
+#: The writer takes a batch when this much is queued, or :data:`FLUSH_DELAY` seconds
+#: after the first frame of a batch: one wake-up of the recording thread per batch
+#: rather than per frame keeps the relay's share of the recording's cost small.
 BATCH_BYTES = 256 << 10
 FLUSH_DELAY = 0.005
+
+
+def release(entry: Entry) -> None:
+    """Give up an entry that will not reach the file (frees a pipe chunk's pipe)."""
+    payload = entry[3]
+    if type(payload) is PipeChunk:
+        payload.discard()
 
 
 @dataclass
@@ -54,6 +74,7 @@ class Loss:
         """Count a queued entry that will not reach the file (a GAP entry adds its counts)."""
         kind, flags, time_us, payload = entry
         if kind == Kind.GAP:
+            assert type(payload) is bytes
             self.merge(GapRecord.decode(time_us, payload, -1))
         elif kind not in (Kind.META, Kind.END):
             self.add(flags, time_us, len(payload))
@@ -65,8 +86,11 @@ class Loss:
         self.bytes_down += gap.bytes_down
         self.first_us = min(self.first_us, gap.time_us)
         self.last_us = max(self.last_us, gap.until_us)
-        if gap.reason and gap.reason not in self.reason:
-            self.reason = f"{self.reason}; {gap.reason}" if self.reason else gap.reason
+        self.add_reason(gap.reason)
+
+    def add_reason(self, reason: str) -> None:
+        if reason and reason not in self.reason:
+            self.reason = f"{self.reason}; {reason}" if self.reason else reason
 
     @property
     def total_frames(self) -> int:
@@ -92,76 +116,123 @@ class Loss:
 
 
 class EventBuffer:
-    """Records queued for the writer, bounded in bytes (queued plus being written)."""
+    """Records queued for the writer, bounded in bytes (queued plus being written).
 
-    def __init__(self, limit: int) -> None:
+    ``on_ready(urgent)`` is called, with the condition held, when the buffer has
+    something for the writer: ``urgent`` once a batch is full or the session ended.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        condition: threading.Condition | None = None,
+        on_ready: Callable[[bool], None] | None = None,
+    ) -> None:
         self.limit = limit
         self.batch = min(BATCH_BYTES, limit // 4)
         self.dropped = Loss(0, 0, "")  # totals over the session, for the log
+        self._condition = condition or threading.Condition()
+        self._on_ready = on_ready
         self._entries: list[Entry] = []
         self._queued = 0
         self._in_flight = 0
+        self._pipes = 0  # pipe chunks queued or in flight
+        self._pipes_in_flight = 0
         self._loss: Loss | None = None
         self._closed = False
-        self._wakeup = trio.Event()
 
-    def put(self, kind: int, flags: int, time_us: int, payload: bytes) -> bool:
-        """Queue a record, or count it as lost when the buffer is full (returns False)."""
-        if self._closed:
-            return True
-        cost = len(payload) + ENTRY_OVERHEAD
-        if self._queued + self._in_flight + cost > self.limit:
-            if self._loss is None:
-                reason = "recording buffer full (the disk was slower than the session)"
-                self._loss = Loss(time_us, time_us, reason)
-                self.dropped.reason = reason
-            self._loss.add(flags, time_us, len(payload))
-            self.dropped.add(flags, time_us, len(payload))
-            return False
-        if self._loss is not None:
-            self._close_gap()
-        self._entries.append((kind, flags, time_us, payload))
-        self._queued += cost
-        if len(self._entries) == 1 or self._queued >= self.batch:
-            self._wakeup.set()  # only the first entry and a full batch wake the writer
+    def put(self, kind: int, flags: int, time_us: int, payload: Payload) -> bool:
+        """Queue a record, or count it as lost when the buffer is full (returns False).
+
+        The buffer owns ``payload`` from here on: a pipe chunk it cannot keep is freed.
+        """
+        size = len(payload)
+        cost = size + ENTRY_OVERHEAD
+        is_pipe = type(payload) is PipeChunk
+        with self._condition:
+            if self._closed:
+                release((kind, flags, time_us, payload))
+                return True
+            if self._queued + self._in_flight + cost > self.limit or (
+                is_pipe and self._pipes >= MAX_PIPES
+            ):
+                self._lose(flags, time_us, size)
+                release((kind, flags, time_us, payload))
+                return False
+            first = not self._entries
+            before = self._queued
+            if self._loss is not None:
+                self._close_gap()
+            self._entries.append((kind, flags, time_us, payload))
+            self._queued += cost
+            self._pipes += is_pipe
+            full = self._queued >= self.batch
+            if first or (full and before < self.batch):
+                self._signal(urgent=full)
         return True
+
+    def lose(self, flags: int, time_us: int, size: int, reason: str) -> None:
+        """Count a frame the observer could not even queue (e.g. no pipe to tee into)."""
+        with self._condition:
+            if not self._closed:
+                self._lose(flags, time_us, size, reason)
 
     def close(self, last: Entry) -> None:
         """Queue the final record (END); later puts are ignored."""
-        if self._closed:
-            return
-        if self._loss is not None:
-            self._close_gap()
-        self._entries.append(last)
-        self._closed = True
-        self._wakeup.set()
-
-    async def take(self) -> list[Entry]:
-        """Everything queued, waiting for something; [] once closed and drained.
-
-        Once something is queued, waits up to :data:`FLUSH_DELAY` for a full batch. The
-        entries count against the limit until :meth:`written` is called.
-        """
-        while not self._entries:
+        with self._condition:
             if self._closed:
-                return []
-            await self._wait()
-        if not self._closed and self._queued < self.batch:
-            with trio.move_on_after(FLUSH_DELAY):
-                while not self._closed and self._queued < self.batch:
-                    await self._wait()
-        entries, self._entries = self._entries, []
-        self._in_flight += self._queued
-        self._queued = 0
-        return entries
+                return
+            if self._loss is not None:
+                self._close_gap()
+            self._entries.append(last)
+            self._closed = True
+            self._signal(urgent=True)
 
-    async def _wait(self) -> None:
-        await self._wakeup.wait()
-        self._wakeup = trio.Event()
+    def stop_accepting(self) -> list[Entry]:
+        """No file will be written: ignore later puts; the entries still queued."""
+        with self._condition:
+            self._closed = True
+            entries, self._entries = self._entries, []
+            self._queued = 0
+            self._pipes = self._pipes_in_flight
+            return entries
+
+    def take(self) -> list[Entry]:
+        """Everything queued (the writer's side). The entries count against the limit
+        until :meth:`written` is called."""
+        with self._condition:
+            entries, self._entries = self._entries, []
+            self._in_flight += self._queued
+            self._queued = 0
+            self._pipes_in_flight = self._pipes
+            return entries
 
     def written(self) -> None:
         """The entries from the last :meth:`take` are out of memory's way."""
-        self._in_flight = 0
+        with self._condition:
+            self._in_flight = 0
+            self._pipes -= self._pipes_in_flight
+            self._pipes_in_flight = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def _signal(self, urgent: bool) -> None:
+        if self._on_ready is not None:
+            self._on_ready(urgent)
+
+    def _lose(self, flags: int, time_us: int, size: int, reason: str = "") -> None:
+        reason = reason or "recording buffer full (the disk was slower than the session)"
+        if self._loss is None:
+            self._loss = Loss(time_us, time_us, reason)
+        for loss in (self._loss, self.dropped):
+            loss.add(flags, time_us, size)
+            loss.add_reason(reason)
 
     def _close_gap(self) -> None:
         assert self._loss is not None

@@ -1,14 +1,13 @@
-"""The session recording format, version 1: the specification in code.
+"""The session recording format, version 2: the specification in code.
 
 docs/recording-format.md is the prose twin of this module; change both together.
 
 A recording is a 12-byte prelude followed by records::
 
     prelude   8s  magic  b"\\x89TBR\\r\\n\\x1a\\n"   (PNG-style: catches text-mode mangling)
-              u16 version (1), u16 reserved (0)          big-endian
-    record    u32 header_crc   CRC-32 of the next 18 header bytes
+              u16 version (2), u16 reserved (0)          big-endian
+    record    u32 header_crc   CRC-32 of the next 14 header bytes
               u32 length       payload length in bytes
-              u32 payload_crc  CRC-32 of the payload
               u64 time_us      microseconds since the session started (monotonic clock)
               u8  kind         see :class:`Kind`
               u8  flags        FIN (0x01), DOWN (0x02: target->client; clear: client->target)
@@ -17,8 +16,13 @@ A recording is a 12-byte prelude followed by records::
 Why this shape: every record can be checked on its own, so a file cut at any byte (a
 killed process, a full disk, a reader racing the writer) reads up to its last complete
 record, and the header has its own checksum so a damaged length can never send a
-reader off allocating or seeking into garbage. 22 bytes per record is 0.03 % of a
-64 KiB message. Records are written in one system call each batch, append-only.
+reader off allocating or seeking into garbage. 18 bytes per record is 0.03 % of a
+64 KiB message. Records are appended in batches, never rewritten.
+
+Version 1 (read, no longer written) had a 22-byte header with a CRC-32 of the payload
+after ``length``. Version 2 dropped it: bulk target data is recorded with tee(2) and
+splice(2) and never enters the bridge's memory, where a checksum would cost a copy
+and the CPU the relay needs (docs/recording-format.md, "Why no payload checksum").
 
 The first record is always :attr:`Kind.META` (JSON), then frames in the order the
 bridge saw them, :attr:`Kind.GAP` (JSON) wherever events could not be recorded, and
@@ -38,14 +42,17 @@ from typing import Any, NamedTuple
 from ..observe import Direction
 
 MAGIC = b"\x89TBR\r\n\x1a\n"
-VERSION = 1
+VERSION = 2
+#: Versions this reader understands; the writer writes :data:`VERSION`.
+READABLE_VERSIONS = (1, 2)
 FORMAT_NAME = "trio-bridge-recording"
 FILE_SUFFIX = ".tbrec"
 
 PRELUDE = struct.Struct(">8sHH")
 _CRC = struct.Struct(">I")
-_HEADER_REST = struct.Struct(">IIQBB")  # length, payload_crc, time_us, kind, flags
-HEADER_SIZE = _CRC.size + _HEADER_REST.size  # 22
+_HEADER_REST = struct.Struct(">IQBB")  # length, time_us, kind, flags
+HEADER_SIZE = _CRC.size + _HEADER_REST.size  # 18
+_V1_HEADER_REST = struct.Struct(">IIQBB")  # length, payload_crc, time_us, kind, flags
 
 FLAG_FIN = 0x01
 FLAG_DOWN = 0x02
@@ -83,10 +90,10 @@ class FormatError(Exception):
 
 class RecordHeader(NamedTuple):
     length: int
-    payload_crc: int
     time_us: int
     kind: int
     flags: int
+    payload_crc: int | None = None  # version 1 only
 
 
 # -- encoding ---------------------------------------------------------------------------
@@ -96,9 +103,9 @@ def encode_prelude() -> bytes:
     return PRELUDE.pack(MAGIC, VERSION, 0)
 
 
-def encode_header(kind: int, flags: int, time_us: int, payload: bytes) -> bytes:
-    """The 22-byte header of a record carrying ``payload`` (which follows it unchanged)."""
-    rest = _HEADER_REST.pack(len(payload), zlib.crc32(payload), time_us, kind, flags)
+def encode_header(kind: int, flags: int, time_us: int, length: int) -> bytes:
+    """The 18-byte header of a record whose ``length``-byte payload follows it unchanged."""
+    rest = _HEADER_REST.pack(length, time_us, kind, flags)
     return _CRC.pack(zlib.crc32(rest)) + rest
 
 
@@ -109,7 +116,8 @@ def frame_flags(direction: Direction, fin: bool) -> int:
 # -- decoding ---------------------------------------------------------------------------
 
 
-def check_prelude(data: bytes) -> None:
+def check_prelude(data: bytes) -> HeaderLayout:
+    """Check the prelude; the record layout of the file's format version."""
     if data[: len(MAGIC)] != MAGIC[: len(data)]:
         raise FormatError(0, "not a trio-bridge recording (wrong magic bytes)")
     if not data:
@@ -117,27 +125,49 @@ def check_prelude(data: bytes) -> None:
     if len(data) < PRELUDE.size:
         raise FormatError(len(data), "the file ends inside the 12-byte prelude")
     _, version, _ = PRELUDE.unpack(data)
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
+        known = " and ".join(str(v) for v in READABLE_VERSIONS)
         raise FormatError(
             8,
             f"recording format version {version} is not supported (this reader knows "
-            f"version {VERSION}); a newer trio-bridge-replay may read it",
+            f"versions {known}); a newer trio-bridge-replay may read it",
         )
+    return LAYOUTS[version]
 
 
-def decode_header(data: bytes, offset: int) -> RecordHeader:
-    (crc,) = _CRC.unpack_from(data)
-    rest = data[_CRC.size : HEADER_SIZE]
-    if zlib.crc32(rest) != crc:
-        raise FormatError(offset, "record header fails its checksum (damaged or not a record)")
-    header = RecordHeader(*_HEADER_REST.unpack(rest))
-    if header.flags & ~KNOWN_FLAGS:
-        raise FormatError(offset, f"record has unknown flags 0x{header.flags:02x}")
-    return header
+class HeaderLayout:
+    """How one format version lays out a record header (the rest of a record is alike)."""
+
+    def __init__(self, version: int, rest: struct.Struct, has_payload_crc: bool) -> None:
+        self.version = version
+        self._rest = rest
+        self.size = _CRC.size + rest.size
+        self._has_payload_crc = has_payload_crc
+
+    def decode(self, data: bytes, offset: int) -> RecordHeader:
+        (crc,) = _CRC.unpack_from(data)
+        rest = data[_CRC.size : self.size]
+        if zlib.crc32(rest) != crc:
+            raise FormatError(offset, "record header fails its checksum (damaged or not a record)")
+        if self._has_payload_crc:
+            length, payload_crc, time_us, kind, flags = self._rest.unpack(rest)
+            header = RecordHeader(length, time_us, kind, flags, payload_crc)
+        else:
+            header = RecordHeader(*self._rest.unpack(rest))
+        if header.flags & ~KNOWN_FLAGS:
+            raise FormatError(offset, f"record has unknown flags 0x{header.flags:02x}")
+        return header
+
+
+LAYOUTS = {
+    1: HeaderLayout(1, _V1_HEADER_REST, has_payload_crc=True),
+    2: HeaderLayout(2, _HEADER_REST, has_payload_crc=False),
+}
 
 
 def check_payload(header: RecordHeader, payload: bytes, offset: int) -> None:
-    if zlib.crc32(payload) != header.payload_crc:
+    """Version 1 files carry a payload checksum; check it where there is one."""
+    if header.payload_crc is not None and zlib.crc32(payload) != header.payload_crc:
         raise FormatError(offset, "record payload fails its checksum (damaged file)")
 
 

@@ -21,7 +21,6 @@ from .format import (
     FLAG_DOWN,
     FLAG_FIN,
     FRAME_KINDS,
-    HEADER_SIZE,
     PRELUDE,
     EndRecord,
     FormatError,
@@ -33,7 +32,6 @@ from .format import (
     RecordHeader,
     check_payload,
     check_prelude,
-    decode_header,
 )
 
 READ_BUFFER = 1 << 20
@@ -92,7 +90,7 @@ class RecordingReader:
         self._iterated = False
         prelude = self._read(PRELUDE.size)
         try:
-            check_prelude(prelude)
+            self.layout = check_prelude(prelude)
         except FormatError as exc:
             raise RecordingError(name, exc.offset, exc.message) from None
         self.position = PRELUDE.size
@@ -158,17 +156,18 @@ class RecordingReader:
     def _next_raw(self) -> tuple[RecordHeader | None, bytes]:
         """The next record's header and checked payload, or (None, b"") at a clean end."""
         offset = self.position
-        raw = self._read(HEADER_SIZE)
+        size = self.layout.size
+        raw = self._read(size)
         if not raw:
             return None, b""
-        if len(raw) < HEADER_SIZE:
+        if len(raw) < size:
             raise _Stop(
                 Outcome.TRUNCATED,
                 offset,
-                f"the file ends inside a record header ({len(raw)} of {HEADER_SIZE} bytes)",
+                f"the file ends inside a record header ({len(raw)} of {size} bytes)",
             )
         try:
-            header = decode_header(raw, offset)
+            header = self.layout.decode(raw, offset)
         except FormatError as exc:
             raise _Stop(Outcome.CORRUPT, offset, exc.message) from None
         payload = self._read(header.length)
@@ -183,7 +182,7 @@ class RecordingReader:
             check_payload(header, payload, offset)
         except FormatError as exc:
             raise _Stop(Outcome.CORRUPT, offset, exc.message) from None
-        self.position = offset + HEADER_SIZE + header.length
+        self.position = offset + size + header.length
         return header, payload
 
     def _decode(self, header: RecordHeader, payload: bytes, offset: int) -> Record | None:

@@ -11,12 +11,15 @@ per session.
     # or: async with open_recorder("recordings") as recorder: ...
 
 Each session gets a :class:`SessionRecorder` (the observer, called synchronously by the
-relay) and a writer task in the recorder's nursery; the two share a bounded
-:class:`~trio_bridge.recording.buffer.EventBuffer`, so the relay never waits for the disk.
+relay) and a :class:`~trio_bridge.recording.writer.SessionWriter` served by the
+recorder's one :class:`~trio_bridge.recording.writer.RecordingThread`; the two share a
+bounded :class:`~trio_bridge.recording.buffer.EventBuffer`, so the relay never waits
+for the disk. Finished files are synced and closed by tasks in the recorder's nursery.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -36,8 +39,9 @@ from .. import __version__
 from ..config import Config, StartupError
 from ..observe import Direction, SessionInfo
 from .buffer import EventBuffer
-from .format import FILE_SUFFIX, EndRecord, Kind, Meta, frame_flags
-from .writer import SessionWriter
+from .format import FILE_SUFFIX, FLAG_DOWN, FLAG_FIN, EndRecord, Kind, Meta, frame_flags
+from .pipes import tee_chunk
+from .writer import RecordingThread, SessionWriter
 
 log = logging.getLogger("trio_bridge.recording")
 
@@ -125,8 +129,28 @@ class SessionRecorder:
         if type(data) is not bytes:
             data = bytes(data)  # the relay may reuse its buffer once we return
         flags = frame_flags(direction, frame.fin)
-        accepted = self.buffer.put(int(frame.opcode), flags, self._now_us(), data)
-        if not accepted and not self._warned:
+        if not self.buffer.put(int(frame.opcode), flags, self._now_us(), data):
+            self._warn_full()
+
+    def on_spliced_data(self, pipe: int, length: int) -> None:
+        """Target data about to be spliced to the client: tee(2) it into a pipe of its own."""
+        flags = FLAG_DOWN | FLAG_FIN
+        chunk = tee_chunk(pipe, length)
+        if isinstance(chunk, str):
+            self.buffer.lose(flags, self._now_us(), length, chunk)
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "session %s: cannot record spliced target data: %s; the gap is marked in %s",
+                    self.info.session_id,
+                    chunk,
+                    self.path,
+                )
+        elif not self.buffer.put(Kind.BINARY, flags, self._now_us(), chunk):
+            self._warn_full()
+
+    def _warn_full(self) -> None:
+        if not self._warned:
             self._warned = True
             log.warning(
                 "session %s: recording buffer full (%d bytes): dropping events until "
@@ -145,7 +169,7 @@ class Recorder:
     """Records every session of a bridge to its own file in ``folder``.
 
     ``run()`` must be running (in a nursery) while sessions open; it returns after
-    :meth:`close` once every writer has finished, or ``drain_timeout`` later.
+    :meth:`close` once every recording is written, or ``drain_timeout`` later.
     """
 
     def __init__(
@@ -164,19 +188,25 @@ class Recorder:
         #: order they finished.
         self.finished: list[Path] = []
         self._nursery: trio.Nursery | None = None
-        self._writers: set[SessionWriter] = set()
+        self._thread: RecordingThread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._writers: set[SessionWriter] = set()  # until their file is closed
         self._closing = trio.Event()
         self._changed = trio.Event()
 
     async def run(
         self, *, task_status: trio.TaskStatus[Recorder] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Check the folder (raising :class:`RecordingFolderError`), then host the writers."""
+        """Check the folder (raising :class:`RecordingFolderError`), then run the writing."""
         self.folder = await trio.to_thread.run_sync(check_folder, self.folder)
         log.info("recording sessions to %s", self.folder)
+        self._token = trio.lowlevel.current_trio_token()
+        thread = RecordingThread(self._thread_finished)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._thread = thread
+                thread.start()
                 task_status.started(self)
                 await self._closing.wait()
                 with trio.move_on_after(self.drain_timeout):
@@ -188,20 +218,26 @@ class Recorder:
                         len(self._writers),
                         self.drain_timeout,
                     )
-                    nursery.cancel_scope.cancel()
+                thread.stop(abandon=True)
+                with trio.move_on_after(self.drain_timeout):
+                    while self._writers:  # the abandoned files get closed
+                        await self._wait_change()
         finally:
             self._nursery = None
+            thread.stop(abandon=True)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(thread.join, self.drain_timeout)
 
     def close(self) -> None:
         """Finish: ``run()`` returns when the open recordings are written."""
         self._closing.set()
 
     def open(self, info: SessionInfo) -> SessionRecorder | None:
-        if self._nursery is None:
+        thread = self._thread
+        if self._nursery is None or thread is None:
             log.warning("session %s: not recorded: the recorder is not running", info.session_id)
             return None
         path = self.folder / recording_name(info)
-        buffer = EventBuffer(self.buffer_limit)
         meta = Meta(
             session_id=info.session_id,
             client=info.client,
@@ -213,9 +249,12 @@ class Recorder:
             writer=f"trio-bridge {__version__}",
         )
         meta_entry = (Kind.META, 0, 0, meta.encode())
-        writer = SessionWriter(info.session_id, path, meta_entry, buffer, self._writer_done)
+        buffer = EventBuffer(
+            self.buffer_limit, thread.condition, lambda urgent: thread.ready(writer, urgent)
+        )
+        writer = SessionWriter(info.session_id, path, meta_entry, buffer)
         self._writers.add(writer)
-        self._nursery.start_soon(writer.run, name=f"recording {info.session_id}")
+        thread.add(writer)
         log.debug("session %s: recording to %s", info.session_id, path)
         return SessionRecorder(info, path, buffer)
 
@@ -225,9 +264,33 @@ class Recorder:
             await self._wait_change()
         return self.finished[:count]
 
-    def _writer_done(self, writer: SessionWriter) -> None:
+    def _thread_finished(self, writer: SessionWriter) -> None:
+        """Called in the recording thread: hand the file to the event loop to close."""
+        token = self._token
+        try:
+            assert token is not None
+            token.run_sync_soon(self._close_soon, writer)
+        except trio.RunFinishedError:
+            RecordingThread.finish_file(writer)  # no event loop left to do it
+
+    def _close_soon(self, writer: SessionWriter) -> None:
+        if self._nursery is None:  # run() is on its way out: close here, unsynced
+            with contextlib.suppress(OSError):
+                if writer.file is not None:
+                    writer.file.close(sync=False)
+            self._closed(writer)
+            return
+        self._nursery.start_soon(self._close_file, writer)
+
+    async def _close_file(self, writer: SessionWriter) -> None:
+        # Shielded: a recording that was written is also synced and closed.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(RecordingThread.finish_file, writer)
+        self._closed(writer)
+
+    def _closed(self, writer: SessionWriter) -> None:
         self._writers.discard(writer)
-        if writer.created:
+        if writer.file is not None:
             self.finished.append(writer.path)
         self._changed.set()
 
