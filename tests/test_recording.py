@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import random
 import re
+import shutil
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -17,6 +20,7 @@ from websockets.trio.client import connect
 from trio_bridge import TcpAddress
 from trio_bridge.cli import build_parser, config_from_args
 from trio_bridge.observe import Direction, SessionInfo
+from trio_bridge.pipes import PIPES
 from trio_bridge.pytest_plugin import StartBridge
 from trio_bridge.recording import (
     FrameRecord,
@@ -29,10 +33,11 @@ from trio_bridge.recording import (
     load_recording,
     open_recording,
 )
-from trio_bridge.recording.buffer import EventBuffer
+from trio_bridge.recording.buffer import Entry, EventBuffer
 from trio_bridge.recording.format import HEADER_SIZE, Meta, encode_header, encode_prelude
+from trio_bridge.recording.pipes import PipeChunk
 from trio_bridge.recording.recorder import SessionRecorder, recording_name
-from trio_bridge.recording.writer import RecordingFile
+from trio_bridge.recording.writer import STAGING_SIZE, RecordingFile, staging_buffer
 from trio_bridge.replay import PayloadView, print_timeline
 from trio_bridge.session import RECV_SIZE
 
@@ -306,6 +311,47 @@ def test_reading_and_printing_a_large_recording_keeps_memory_flat(tmp_path: Path
     assert total == 64 << 20
     assert read_peak < 4 << 20, read_peak
     assert print_peak < 4 << 20, print_peak
+
+
+def _entries_with_pipes(seed: int) -> list[Entry]:
+    """Frames of awkward sizes (block boundaries, staging-buffer size), some in pipes."""
+    rng = random.Random(seed)
+    sizes = [0, 1, 4095, 4096, 4097, 65536, 300_000, 1 << 20, STAGING_SIZE + 5, 17]
+    entries: list[Entry] = []
+    for i, size in enumerate(sizes):
+        payload = rng.randbytes(size)
+        if size and size <= 1 << 20 and i % 2:
+            pipe = PIPES.take()
+            assert os.write(pipe[1], payload) == size
+            entries.append((Kind.BINARY, 0x03, i, PipeChunk(pipe, size)))
+        else:
+            entries.append((Kind.BINARY, 0x01, i, payload))
+    return entries
+
+
+@pytest.mark.parametrize("where", ["tmp", "/dev/shm"])
+def test_staged_direct_writes_give_the_same_file_as_plain_ones(tmp_path: Path, where: str) -> None:
+    folder = tmp_path if where == "tmp" else Path(tempfile.mkdtemp(dir=where))
+    try:
+        meta = Meta("5ca1ab1e", "c", "t", "/", None, 0.0)
+        files = []
+        for staging in (None, staging_buffer()):
+            path = folder / f"{staging is not None}.tbrec"
+            file = RecordingFile(path, staging)
+            assert file.direct == (staging is not None)
+            batches = [[(Kind.META, 0, 0, meta.encode())], *map(_entries_with_pipes, range(3))]
+            for batch in batches:
+                assert file.append(batch) == (len(batch), None)
+                assert path.stat().st_size == file.size  # nothing held back between batches
+            file.close(sync=False)
+            files.append(path.read_bytes())
+        plain, staged = files
+        assert staged == plain
+        recording = load_recording(folder / "True.tbrec")
+        assert recording.status.outcome is Outcome.UNFINISHED and len(recording.frames()) == 30
+    finally:
+        if where != "tmp":
+            shutil.rmtree(folder)
 
 
 # -- the recorder's buffer --------------------------------------------------------------------

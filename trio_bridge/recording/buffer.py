@@ -32,7 +32,7 @@ ENTRY_OVERHEAD = 160
 
 #: Pipes a session may hold queued for its recording (two descriptors each). A
 #: pipe chunk's bytes count against the buffer's limit like any payload.
-MAX_PIPES = 16
+MAX_PIPES = 32
 
 #: The writer takes a batch when this much is queued, or :data:`FLUSH_DELAY` seconds
 #: after the first frame of a batch: one wake-up of the recording thread per batch

@@ -24,7 +24,9 @@ record), not from syncing every write.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import mmap
 import os
 import threading
 import time
@@ -42,15 +44,49 @@ log = logging.getLogger("trio_bridge.recording")
 RETRY_INTERVAL = 1.0
 IOV_MAX = 1024
 
+#: O_DIRECT needs buffers, lengths and file offsets aligned to the device's logical
+#: block size; 4096 covers every common device.
+BLOCK = 4096
+#: The recording thread's staging buffer for O_DIRECT writes (one per recorder).
+STAGING_SIZE = 4 << 20
+#: Batches smaller than this go through the page cache (interactive sessions).
+DIRECT_MIN = 256 << 10
+
+
+def staging_buffer() -> mmap.mmap:
+    """Page-aligned memory to assemble O_DIRECT writes in (anonymous mmap)."""
+    return mmap.mmap(-1, STAGING_SIZE)
+
 
 class RecordingFile:
-    """An append-only recording on disk; every method blocks, so call them in a thread."""
+    """An append-only recording on disk; every method blocks, so call them in a thread.
 
-    def __init__(self, path: Path) -> None:
+    With a ``staging`` buffer, large batches are written with O_DIRECT: the bytes go
+    from the staging buffer to the device without a page-cache copy. Measured on the
+    development VM, buffered writes of fresh page-cache pages cost 1.3-1.9 s of kernel
+    CPU per GiB (0.2 s when the pages are warm); O_DIRECT costs under 0.1 s, which is
+    what lets a recording keep up with a bulk session without taking the relay's CPU.
+    The last partial block of each batch is written through the page cache, so the
+    file always ends exactly after its last complete record (readable while written,
+    nothing held back if the process is killed). Where the file system refuses
+    O_DIRECT (tmpfs) or a write with it, the file is written through the page cache.
+    """
+
+    def __init__(self, path: Path, staging: mmap.mmap | None = None) -> None:
         self.path = path
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        # Read access too: a staged write starts by reading back the last partial block.
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         self._fd = os.open(path, flags, 0o640)
+        self._direct_fd: int | None = None
+        self._staging = memoryview(staging) if staging is not None else None
+        if staging is not None and hasattr(os, "O_DIRECT"):
+            with contextlib.suppress(OSError):  # EINVAL: no O_DIRECT on this file system
+                self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         self.size = 0  # bytes of complete records (and prelude) in the file
+
+    @property
+    def direct(self) -> bool:
+        return self._direct_fd is not None
 
     def append(self, entries: Sequence[Entry]) -> tuple[int, OSError | None]:
         """Write ``entries`` after the last complete record.
@@ -59,91 +95,225 @@ class RecordingFile:
         if any; after an error the file is cut back to its last complete record. Pipe
         chunks are consumed either way: emptied into the file, or discarded.
         """
-        batch = _Batch(self.size)
+        try:
+            sink = self._sink_for(entries)
+        except OSError as exc:
+            for entry in entries:
+                release(entry)
+            return 0, exc
         try:
             if self.size == 0:
-                batch.add(encode_prelude(), None)
+                sink.add(encode_prelude(), None)
             for index, (kind, flags, time_us, payload) in enumerate(entries):
-                header = encode_header(kind, flags, time_us, len(payload))
+                sink.add(encode_header(kind, flags, time_us, len(payload)), None)
                 if isinstance(payload, PipeChunk):
-                    batch.add(header, None)
-                    batch.write(self._fd)
-                    self._splice(payload, batch)
-                    batch.completed(index)
+                    sink.add_pipe(payload, index)
                 else:
-                    batch.add(header, None)
-                    batch.add(payload, index)
-                    if len(batch.buffers) >= IOV_MAX:
-                        batch.write(self._fd)
-            batch.write(self._fd)
+                    sink.add(payload, index)
+            sink.finish()
         except OSError as exc:
-            done = batch.done
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, batch.committed)
-            self.size = batch.committed
-            for entry in entries[done:]:
+                os.ftruncate(self._fd, sink.committed)
+            self.size = sink.committed
+            for entry in entries[sink.done :]:
                 release(entry)
-            return done, exc
-        self.size = batch.committed
+            return sink.done, exc
+        finally:
+            if isinstance(sink, _StagedSink) and sink.direct_refused:
+                self._stop_direct()
+        self.size = sink.committed
         return len(entries), None
 
     def close(self, sync: bool) -> None:
+        self._stop_direct()
+        if self._fd < 0:
+            return
         try:
             if sync:
                 with contextlib.suppress(OSError):
                     os.fsync(self._fd)
         finally:
             os.close(self._fd)
+            self._fd = -1
 
-    def _splice(self, chunk: PipeChunk, batch: _Batch) -> None:
-        """Move a pipe chunk's bytes into the file (copied once, by the kernel)."""
+    def _sink_for(self, entries: Sequence[Entry]) -> _Sink:
+        if self._direct_fd is not None and self._staging is not None:
+            size = sum(len(payload) for *_, payload in entries)
+            if size >= DIRECT_MIN:
+                return _StagedSink(self._fd, self._direct_fd, self._staging, self.size)
+        return _VectorSink(self._fd, self.size)
+
+    def _stop_direct(self) -> None:
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+
+
+class _Sink:
+    """Bytes on their way into a file, and which records they complete.
+
+    ``committed`` is the end of the last record entirely in the file and ``done`` the
+    number of entries it completes: after an error the file is cut back there.
+    """
+
+    def __init__(self, position: int) -> None:
+        self.committed = position
+        self.done = 0
+        self._ends: deque[tuple[int, int]] = deque()  # (entry index, end offset) pending
+
+    def add(self, data: bytes, completes: int | None) -> None:
+        raise NotImplementedError
+
+    def add_pipe(self, chunk: PipeChunk, completes: int) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+    def _pending_end(self, completes: int | None, end: int) -> None:
+        if completes is not None:
+            self._ends.append((completes, end))
+
+    def _written_to(self, position: int) -> None:
+        """Everything before ``position`` is in the file."""
+        while self._ends and self._ends[0][1] <= position:
+            index, end = self._ends.popleft()
+            self.done, self.committed = index + 1, end
+
+
+class _VectorSink(_Sink):
+    """Through the page cache: ``pwritev`` of the Python buffers, ``splice`` from pipes."""
+
+    def __init__(self, fd: int, position: int) -> None:
+        super().__init__(position)
+        self._fd = fd
+        self._position = position  # where the next write goes
+        self._queued_to = position
+        self._buffers: deque[memoryview] = deque()
+
+    def add(self, data: bytes, completes: int | None) -> None:
+        if data:
+            self._buffers.append(memoryview(data))
+            self._queued_to += len(data)
+        self._pending_end(completes, self._queued_to)
+        if len(self._buffers) >= IOV_MAX:
+            self._write()
+
+    def add_pipe(self, chunk: PipeChunk, completes: int) -> None:
+        self._write()
         left = chunk.length
         try:
             while left:
-                moved = os.splice(chunk.pipe[0], self._fd, left, offset_dst=batch.position)
+                moved = os.splice(chunk.pipe[0], self._fd, left, offset_dst=self._position)
                 if moved == 0:
                     raise OSError(0, "the recording pipe ran dry")
-                batch.position += moved
+                self._position += moved
                 left -= moved
         except BaseException:
             chunk.discard()
             raise
         chunk.emptied()
+        self._queued_to = self._position
+        self._pending_end(completes, self._position)
+        self._written_to(self._position)
+
+    def finish(self) -> None:
+        self._write()
+
+    def _write(self) -> None:
+        while self._buffers:
+            n = os.pwritev(self._fd, list(islice(self._buffers, IOV_MAX)), self._position)
+            self._position += n
+            _consume(self._buffers, n)
+            self._written_to(self._position)
 
 
-class _Batch:
-    """Buffers on their way into a file, and which records they complete."""
+class _StagedSink(_Sink):
+    """Assembled in an aligned staging buffer, written in whole blocks with O_DIRECT.
 
-    def __init__(self, position: int) -> None:
-        self.position = position  # where the next byte goes
-        self.committed = position  # the end of the last complete record
-        self.done = 0  # entries complete
-        self.buffers: deque[memoryview] = deque()
-        self._ends: deque[tuple[int, int]] = deque()  # (entry index, end offset) queued
-        self._queued_to = position
+    The staging buffer starts with the file's last partial block (read back from the
+    page cache), so each write starts on a block boundary; what is left after the
+    last whole block is written through the page cache by :meth:`finish`.
+    """
+
+    def __init__(self, fd: int, direct_fd: int, stage: memoryview, position: int) -> None:
+        super().__init__(position)
+        self._fd = fd
+        self._direct_fd = direct_fd
+        self._stage = stage
+        self._file_at = position - position % BLOCK  # where stage[0] goes in the file
+        head = os.pread(fd, position - self._file_at, self._file_at) if position else b""
+        if len(head) != position - self._file_at:
+            raise OSError(0, "the recording's last block could not be read back")
+        stage[: len(head)] = head
+        self._fill = len(head)
+        self.direct_refused = False
 
     def add(self, data: bytes, completes: int | None) -> None:
-        """Queue ``data``; with ``completes``, it is the last part of that entry."""
-        if data:
-            self.buffers.append(memoryview(data))
-            self._queued_to += len(data)
-        if completes is not None:
-            self._ends.append((completes, self._queued_to))
+        view = memoryview(data)
+        while view:
+            room = len(self._stage) - self._fill
+            if not room:
+                self._write_blocks()
+                continue
+            part = view[:room]
+            self._stage[self._fill : self._fill + len(part)] = part
+            self._fill += len(part)
+            view = view[len(part) :]
+        self._pending_end(completes, self._file_at + self._fill)
 
-    def write(self, fd: int) -> None:
-        while self.buffers:
-            n = os.pwritev(fd, list(islice(self.buffers, IOV_MAX)), self.position)
-            self.position += n
-            _consume(self.buffers, n)
-            while self._ends and self._ends[0][1] <= self.position:
-                index, end = self._ends.popleft()
-                self.done, self.committed = index + 1, end
-        self._queued_to = self.position
+    def add_pipe(self, chunk: PipeChunk, completes: int) -> None:
+        left = chunk.length
+        try:
+            while left:
+                room = len(self._stage) - self._fill
+                if not room:
+                    self._write_blocks()
+                    continue
+                target = self._stage[self._fill : self._fill + min(room, left)]
+                got = os.readv(chunk.pipe[0], [target])
+                if got == 0:
+                    raise OSError(0, "the recording pipe ran dry")
+                self._fill += got
+                left -= got
+        except BaseException:
+            chunk.discard()
+            raise
+        chunk.emptied()
+        self._pending_end(completes, self._file_at + self._fill)
 
-    def completed(self, index: int) -> None:
-        """An entry written outside :meth:`write` (a spliced payload) is complete."""
-        self.done, self.committed = index + 1, self.position
-        self._queued_to = self.position
+    def finish(self) -> None:
+        self._write_blocks()
+        if self._fill:
+            self._file_at += _write_all(self._fd, self._stage[: self._fill], self._file_at)
+            self._fill = 0
+            self._written_to(self._file_at)
+
+    def _write_blocks(self) -> None:
+        blocks = self._fill - self._fill % BLOCK
+        if not blocks:
+            return
+        data = self._stage[:blocks]
+        if not self.direct_refused:
+            try:
+                written = _write_all(self._direct_fd, data, self._file_at)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.direct_refused = True  # alignment the device does not take
+        if self.direct_refused:
+            written = _write_all(self._fd, data, self._file_at)
+        self._file_at += written
+        self._stage[: self._fill - blocks] = self._stage[blocks : self._fill]
+        self._fill -= blocks
+        self._written_to(self._file_at)
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> int:
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], offset + written)
+    return written
 
 
 def _consume(pending: deque[memoryview], n: int) -> None:
@@ -176,11 +346,14 @@ class SessionWriter:
         self._pending_loss: Loss | None = None  # lost and not yet marked in the file
         self._retry_at = 0.0
 
-    def write_pending(self) -> None:
-        """Write what the session queued; sets :attr:`finished` after its END record."""
+    def write_pending(self, staging: mmap.mmap | None = None) -> None:
+        """Write what the session queued; sets :attr:`finished` after its END record.
+
+        ``staging``: the thread's buffer for O_DIRECT writes (see :class:`RecordingFile`).
+        """
         if self.finished:
             return
-        if self.file is None and not self._create():
+        if self.file is None and not self._create(staging):
             return
         entries = self.buffer.take()
         try:
@@ -228,9 +401,9 @@ class SessionWriter:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _create(self) -> bool:
+    def _create(self, staging: mmap.mmap | None) -> bool:
         try:
-            self.file = RecordingFile(self.path)
+            self.file = RecordingFile(self.path, staging)
         except OSError as exc:
             log.error(
                 "session %s: cannot create recording %s: %s; this session is not recorded",
@@ -328,6 +501,7 @@ class RecordingThread:
         self._urgent = False
         self._stopping = False
         self._abandon = False
+        self._staging: mmap.mmap | None = None  # allocated by the thread itself
         self._thread = threading.Thread(target=self._run, name="trio-bridge recorder", daemon=True)
 
     def start(self) -> None:
@@ -368,6 +542,7 @@ class RecordingThread:
 
     def _run(self) -> None:
         _yield_to_the_relay()
+        self._staging = staging_buffer()
         while True:
             with self.condition:
                 while not self._ready and not self._stopping:
@@ -390,7 +565,7 @@ class RecordingThread:
 
     def _write(self, writer: SessionWriter) -> None:
         try:
-            writer.write_pending()
+            writer.write_pending(self._staging)
         except Exception:  # a bug must not end the recording of every other session
             log.exception("session %s: recording failed", writer.session_id)
             writer.abandon()
