@@ -188,6 +188,7 @@ async def test_the_bridge_needs_nothing_the_hardening_forbids(
     assert len(calls) > 1000, "strace saw too little"
     names = {name for name, _ in calls}
     assert {"splice", "accept4", "sendmsg"} <= names  # the paths of interest ran
+    assert {"tee", "setpriority", "fsync"} <= names  # and the recorder (tee: spliced data)
 
     for service in SERVICES:
         forbidden = names - allowed_syscalls(service)
@@ -207,14 +208,16 @@ async def test_the_bridge_needs_nothing_the_hardening_forbids(
 async def trace_a_bridge(
     echo_target: TcpTarget, notify: NotifySocket, trace: Path
 ) -> list[tuple[str, str]]:
-    """Every system call of an activated bridge through start, a relayed session
-    (zero-copy), SIGHUP and SIGTERM, with its arguments."""
+    """Every system call of an activated, recording bridge through start, a relayed
+    session (zero-copy), SIGHUP and SIGTERM, with its arguments."""
     listener = loopback_listener()
     fds = [listener.fileno()]
     port = listener.getsockname()[1]
     env = clean_env(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="200000", LISTEN_FDNAMES="ws")
     # "localhost": name resolution is part of what is traced.
-    bridge = [BRIDGE, f"localhost:{echo_target.address.port}"]
+    recordings = trace.parent / "recordings"
+    recordings.mkdir()
+    bridge = [BRIDGE, "--record", str(recordings), f"localhost:{echo_target.address.port}"]
     argv = ["strace", "-f", "-qq", "-o", str(trace), *activated(fds, bridge)]
     with listener, trio.fail_after(TIMEOUT * 2):  # strace slows the start down
         async with trio.open_nursery() as nursery, spawn(argv, env=env, pass_fds=fds) as strace:
