@@ -37,7 +37,7 @@ from trio_bridge.recording.buffer import Entry, EventBuffer
 from trio_bridge.recording.format import HEADER_SIZE, Meta, encode_header, encode_prelude
 from trio_bridge.recording.pipes import PipeChunk
 from trio_bridge.recording.recorder import SessionRecorder, recording_name
-from trio_bridge.recording.writer import STAGING_SIZE, RecordingFile, staging_buffer
+from trio_bridge.recording.writer import STAGING_SIZE, RecordingFile, StagingBuffer
 from trio_bridge.replay import PayloadView, print_timeline
 from trio_bridge.session import RECV_SIZE
 
@@ -335,7 +335,7 @@ def test_staged_direct_writes_give_the_same_file_as_plain_ones(tmp_path: Path, w
     try:
         meta = Meta("5ca1ab1e", "c", "t", "/", None, 0.0)
         files = []
-        for staging in (None, staging_buffer()):
+        for staging in (None, StagingBuffer()):
             path = folder / f"{staging is not None}.tbrec"
             file = RecordingFile(path, staging)
             assert file.direct == (staging is not None)

@@ -24,6 +24,7 @@ record), not from syncing every write.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import mmap
@@ -53,9 +54,35 @@ STAGING_SIZE = 4 << 20
 DIRECT_MIN = 256 << 10
 
 
-def staging_buffer() -> mmap.mmap:
-    """Page-aligned memory to assemble O_DIRECT writes in (anonymous mmap)."""
-    return mmap.mmap(-1, STAGING_SIZE)
+#: Copies into the staging buffer at least this large are made without the GIL.
+UNLOCKED_COPY = 16 << 10
+
+
+class StagingBuffer:
+    """Page-aligned memory (an anonymous mmap) in which O_DIRECT writes are assembled."""
+
+    def __init__(self, size: int = STAGING_SIZE) -> None:
+        self._map = mmap.mmap(-1, size)
+        self.view = memoryview(self._map)
+        self._anchor = ctypes.c_char.from_buffer(self._map)  # pins the mapping
+        self._address = ctypes.addressof(self._anchor)
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def copy_in(self, at: int, data: bytes, start: int, length: int) -> None:
+        """Copy ``data[start:start + length]`` to offset ``at``.
+
+        Large copies go through ``ctypes.memmove``, which releases the GIL (a slice
+        assignment holds it): a 64 KiB copy holding the GIL is time the relay thread
+        cannot run, once per frame.
+        """
+        if length >= UNLOCKED_COPY:
+            source = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+            assert source is not None
+            ctypes.memmove(self._address + at, source + start, length)
+        else:
+            self.view[at : at + length] = memoryview(data)[start : start + length]
 
 
 class RecordingFile:
@@ -72,13 +99,13 @@ class RecordingFile:
     O_DIRECT (tmpfs) or a write with it, the file is written through the page cache.
     """
 
-    def __init__(self, path: Path, staging: mmap.mmap | None = None) -> None:
+    def __init__(self, path: Path, staging: StagingBuffer | None = None) -> None:
         self.path = path
         # Read access too: a staged write starts by reading back the last partial block.
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         self._fd = os.open(path, flags, 0o640)
         self._direct_fd: int | None = None
-        self._staging = memoryview(staging) if staging is not None else None
+        self._staging = staging
         if staging is not None and hasattr(os, "O_DIRECT"):
             with contextlib.suppress(OSError):  # EINVAL: no O_DIRECT on this file system
                 self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
@@ -236,11 +263,12 @@ class _StagedSink(_Sink):
     last whole block is written through the page cache by :meth:`finish`.
     """
 
-    def __init__(self, fd: int, direct_fd: int, stage: memoryview, position: int) -> None:
+    def __init__(self, fd: int, direct_fd: int, staging: StagingBuffer, position: int) -> None:
         super().__init__(position)
         self._fd = fd
         self._direct_fd = direct_fd
-        self._stage = stage
+        self._staging = staging
+        self._stage = stage = staging.view
         self._file_at = position - position % BLOCK  # where stage[0] goes in the file
         head = os.pread(fd, position - self._file_at, self._file_at) if position else b""
         if len(head) != position - self._file_at:
@@ -250,16 +278,16 @@ class _StagedSink(_Sink):
         self.direct_refused = False
 
     def add(self, data: bytes, completes: int | None) -> None:
-        view = memoryview(data)
-        while view:
+        start = 0
+        while start < len(data):
             room = len(self._stage) - self._fill
             if not room:
                 self._write_blocks()
                 continue
-            part = view[:room]
-            self._stage[self._fill : self._fill + len(part)] = part
-            self._fill += len(part)
-            view = view[len(part) :]
+            length = min(room, len(data) - start)
+            self._staging.copy_in(self._fill, data, start, length)
+            self._fill += length
+            start += length
         self._pending_end(completes, self._file_at + self._fill)
 
     def add_pipe(self, chunk: PipeChunk, completes: int) -> None:
@@ -346,7 +374,7 @@ class SessionWriter:
         self._pending_loss: Loss | None = None  # lost and not yet marked in the file
         self._retry_at = 0.0
 
-    def write_pending(self, staging: mmap.mmap | None = None) -> None:
+    def write_pending(self, staging: StagingBuffer | None = None) -> None:
         """Write what the session queued; sets :attr:`finished` after its END record.
 
         ``staging``: the thread's buffer for O_DIRECT writes (see :class:`RecordingFile`).
@@ -401,7 +429,7 @@ class SessionWriter:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _create(self, staging: mmap.mmap | None) -> bool:
+    def _create(self, staging: StagingBuffer | None) -> bool:
         try:
             self.file = RecordingFile(self.path, staging)
         except OSError as exc:
@@ -501,7 +529,7 @@ class RecordingThread:
         self._urgent = False
         self._stopping = False
         self._abandon = False
-        self._staging: mmap.mmap | None = None  # allocated by the thread itself
+        self._staging: StagingBuffer | None = None  # allocated by the thread itself
         self._thread = threading.Thread(target=self._run, name="trio-bridge recorder", daemon=True)
 
     def start(self) -> None:
@@ -542,7 +570,7 @@ class RecordingThread:
 
     def _run(self) -> None:
         _yield_to_the_relay()
-        self._staging = staging_buffer()
+        self._staging = StagingBuffer()
         while True:
             with self.condition:
                 while not self._ready and not self._stopping:
