@@ -85,7 +85,7 @@ def _recording_note(meta: dict[str, Any], results: dict[str, Any]) -> list[str]:
         f"In the `--record` rows the ratio is {TRIO} recording on / off (its own rows "
         "above, same rounds); the recordings went to a temporary folder in "
         f"{meta.get('recording_dir', 'an unrecorded folder')}, each deleted once written. "
-        "The recorder yields the CPU to the relay and drops what it cannot write (the gap "
+        "The recorder never makes the relay wait: it drops what it cannot write (the gap "
         "is marked in the file); the share rows say how much of each bulk session the "
         "recording kept (see docs/recording-format.md, Performance).",
     ]

@@ -161,10 +161,10 @@ def _recording_rows(on: list[dict[str, Any]] | None, off: list[dict[str, Any]]) 
     """trio-bridge with ``--record DIR``, against its own bulk figures without it (same
     rounds): the ratio column is on / off; the target (issue 4) is a ratio >= 0.8.
 
-    The recorder yields the CPU to the relay (its thread runs at nice 19) and drops
-    what it cannot write, marking the gap in the file, so the share of the relayed
-    bytes each recording kept is printed beside the ratio: it says how much of a bulk
-    session the recorder keeps up with on this machine and with this placement.
+    The recorder never makes the relay wait: it drops what it cannot write, marking
+    the gap in the file, so the share of the relayed bytes each recording kept is
+    printed beside the ratio: it says how much of a bulk session the recorder keeps up
+    with on this machine and with this placement.
     """
     if not on:
         return []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import random
@@ -12,6 +13,7 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -352,6 +354,51 @@ def test_staged_direct_writes_give_the_same_file_as_plain_ones(tmp_path: Path, w
     finally:
         if where != "tmp":
             shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("staged", [False, True])
+@pytest.mark.parametrize("call", ["pwritev", "pwrite", "splice", "readv"])
+@pytest.mark.parametrize("fail_at", [1, 2, 3])
+def test_a_failed_write_cuts_back_to_a_record_and_releases_every_pipe_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staged: bool, call: str, fail_at: int
+) -> None:
+    """Whatever call fails, at whichever point: the file ends at its last complete
+    record, ``done`` says how many entries made it, and no pipe is closed twice or
+    pooled while holding data (a pooled pipe with a closed descriptor would later
+    splice into whatever reused its number)."""
+    path = tmp_path / "x.tbrec"
+    file = RecordingFile(path, StagingBuffer() if staged else None)
+    meta = Meta("0ddba11", "c", "t", "/", None, 0.0)
+    assert file.append([(Kind.META, 0, 0, meta.encode())]) == (1, None)
+    entries = _entries_with_pipes(7)
+    real = getattr(os, call)
+    calls = 0
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == fail_at:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, call, failing)
+    done, error = file.append(entries)
+    monkeypatch.undo()
+    chunks = [p for *_, p in entries if isinstance(p, PipeChunk)]
+    with contextlib.suppress(AssertionError):  # released chunks refuse to be read
+        assert not [c.read_end for c in chunks], "a chunk still holds its pipe"
+    for read_end, write_end in PIPES._free:
+        os.fstat(read_end), os.fstat(write_end)  # still open: nobody closed them behind the pool
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 1)  # and empty
+    recording = load_recording(path)
+    assert path.stat().st_size == file.size == (recording.status.offset)
+    assert len(recording.frames()) == done
+    if calls >= fail_at:
+        assert error is not None and error.errno == errno.ENOSPC and done < len(entries)
+        assert file.append([(Kind.PING, 0, 99, b"after")]) == (1, None)  # and goes on
+    else:
+        assert (done, error) == (len(entries), None)
 
 
 # -- the recorder's buffer --------------------------------------------------------------------

@@ -15,15 +15,16 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 from websockets.trio.client import connect
 
 from trio_bridge import Bridge, Config, TcpAddress
-from trio_bridge.observe import Direction
+from trio_bridge.observe import Direction, SessionInfo
 from trio_bridge.recording import (
     FrameRecord,
     LoadedRecording,
@@ -112,18 +113,25 @@ async def test_a_stalled_disk_never_stalls_the_session(
 async def test_a_disk_full_from_the_first_write_still_gives_a_readable_file(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The first write (META) fails: the retry at the end writes META, GAP and END."""
-    real_pwritev = os.pwritev
+    """The first write (META) fails: the retry at the end writes META, GAP and END.
+
+    Whichever call makes the first write fails: ``pwritev`` (small batches) or
+    ``pwrite`` (large batches staged for O_DIRECT, when the thread woke late).
+    """
     calls = 0
 
-    def full_once(fd: int, buffers: list[memoryview], offset: int) -> int:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_pwritev(fd, buffers, offset)
+    def full_once(real: Callable[..., int]) -> Callable[..., int]:
+        def write(*args: Any) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(*args)
 
-    monkeypatch.setattr(writer_module.os, "pwritev", full_once)
+        return write
+
+    monkeypatch.setattr(writer_module.os, "pwritev", full_once(os.pwritev))
+    monkeypatch.setattr(writer_module.os, "pwrite", full_once(os.pwrite))
     target = await start_tcp_target(nursery, scripted_target(greeting=b""))
     url, recorder = await start_recording_bridge(nursery, tmp_path, target)
     with trio.fail_after(10):
@@ -291,3 +299,20 @@ def test_an_unwritable_recording_folder_stops_the_bridge_with_one_line(tmp_path:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"trio-bridge: cannot record sessions: folder {folder} is not writable")
     assert "Traceback" not in result.stderr
+
+
+async def test_sessions_opened_while_the_recorder_drains_are_not_recorded(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Once close() is called no new recording starts (its writer would never be
+    served), and run() returns as soon as the open ones are written."""
+    recorder: Recorder = await nursery.start(Recorder(tmp_path, drain_timeout=30).run)
+    first = recorder.open(SessionInfo("0000000a", "c:1", "t:2", "/", None, 0.0))
+    assert first is not None
+    recorder.close()
+    assert recorder.open(SessionInfo("0000000b", "c:1", "t:2", "/", None, 0.0)) is None
+    first.on_end(1000, "", "client")
+    with trio.fail_after(10):
+        (path,) = await recorder.wait_finished(1)
+    assert load_recording(path).status.complete and "0000000a" in path.name
+    assert [p.name for p in await trio.Path(tmp_path).iterdir()] == [path.name]

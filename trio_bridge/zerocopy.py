@@ -128,7 +128,8 @@ class SpliceDownstream:
         """Write one frame: header from Python, payload from the pipe, under the write lock.
 
         Returns False, sending nothing, once a close frame has gone out: no data frame
-        may follow it (RFC 6455 5.5.1). The observer sees exactly the frames sent.
+        may follow it (RFC 6455 5.5.1). The observer is shown each frame as its sending
+        starts (the pipe's bytes are gone once spliced), as the framed path does.
         """
         channel = self.session.channel
         client = channel.transport.raw

@@ -14,7 +14,6 @@ import ctypes
 import ctypes.util
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ..pipes import PIPES, Pipe
 
@@ -48,23 +47,40 @@ def tee(source: int, destination: int, length: int, flags: int) -> int:
     return copied
 
 
-@dataclass(slots=True, eq=False)
 class PipeChunk:
-    """``length`` bytes of target data waiting in ``pipe`` for the recording thread."""
+    """``length`` bytes of target data waiting in a pipe for the recording thread.
 
-    pipe: Pipe
-    length: int
+    The chunk owns its pipe until it is released, exactly once: emptied into the file
+    (the pipe goes back to the pool) or discarded (closed). Releasing it again does
+    nothing, so every path that gives up an entry may release it without asking who
+    did before: a pipe closed twice could close a descriptor the process has reused.
+    """
+
+    __slots__ = ("_pipe", "length")
+
+    def __init__(self, pipe: Pipe, length: int) -> None:
+        self._pipe: Pipe | None = pipe
+        self.length = length
 
     def __len__(self) -> int:
         return self.length
 
+    @property
+    def read_end(self) -> int:
+        assert self._pipe is not None, "the chunk was released"
+        return self._pipe[0]
+
     def discard(self) -> None:
         """Drop the chunk unwritten (the pipe may hold data: closed, not pooled)."""
-        PIPES.discard(self.pipe)
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            PIPES.discard(pipe)
 
     def emptied(self) -> None:
-        """The chunk was written out: its pipe is empty and goes back to the pool."""
-        PIPES.give_back(self.pipe)
+        """The chunk's bytes were read out: its pipe is empty and goes back to the pool."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            PIPES.give_back(pipe)
 
 
 def tee_chunk(source: int, length: int) -> PipeChunk | str:

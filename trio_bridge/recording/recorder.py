@@ -19,7 +19,6 @@ for the disk. Finished files are synced and closed by tasks in the recorder's nu
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -134,6 +133,8 @@ class SessionRecorder:
 
     def on_spliced_data(self, pipe: int, length: int) -> None:
         """Target data about to be spliced to the client: tee(2) it into a pipe of its own."""
+        if self.buffer.closed:  # the recording was given up: no pipe to spend on it
+            return
         flags = FLAG_DOWN | FLAG_FIN
         chunk = tee_chunk(pipe, length)
         if isinstance(chunk, str):
@@ -234,7 +235,7 @@ class Recorder:
 
     def open(self, info: SessionInfo) -> SessionRecorder | None:
         thread = self._thread
-        if self._nursery is None or thread is None:
+        if self._nursery is None or thread is None or self._closing.is_set():
             log.warning("session %s: not recorded: the recorder is not running", info.session_id)
             return None
         path = self.folder / recording_name(info)
@@ -253,8 +254,10 @@ class Recorder:
             self.buffer_limit, thread.condition, lambda urgent: thread.ready(writer, urgent)
         )
         writer = SessionWriter(info.session_id, path, meta_entry, buffer)
+        if not thread.add(writer):
+            log.warning("session %s: not recorded: the recorder is stopping", info.session_id)
+            return None
         self._writers.add(writer)
-        thread.add(writer)
         log.debug("session %s: recording to %s", info.session_id, path)
         return SessionRecorder(info, path, buffer)
 
@@ -275,9 +278,7 @@ class Recorder:
 
     def _close_soon(self, writer: SessionWriter) -> None:
         if self._nursery is None:  # run() is on its way out: close here, unsynced
-            with contextlib.suppress(OSError):
-                if writer.file is not None:
-                    writer.file.close(sync=False)
+            RecordingThread.finish_file(writer, sync=False)
             self._closed(writer)
             return
         self._nursery.start_soon(self._close_file, writer)

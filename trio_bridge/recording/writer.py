@@ -93,16 +93,16 @@ class RecordingFile:
     development VM, buffered writes of fresh page-cache pages cost 1.3-1.9 s of kernel
     CPU per GiB (0.2 s when the pages are warm); O_DIRECT costs under 0.1 s, which is
     what lets a recording keep up with a bulk session without taking the relay's CPU.
-    The last partial block of each batch is written through the page cache, so the
-    file always ends exactly after its last complete record (readable while written,
-    nothing held back if the process is killed). Where the file system refuses
-    O_DIRECT (tmpfs) or a write with it, the file is written through the page cache.
+    The partial blocks at either end of a batch are written through the page cache,
+    so the file always ends exactly after its last complete record (readable while
+    written, nothing held back if the process is killed) and a block holding records
+    already written is never written again. Where the file system refuses O_DIRECT or
+    a write with it, the file is written through the page cache.
     """
 
     def __init__(self, path: Path, staging: StagingBuffer | None = None) -> None:
         self.path = path
-        # Read access too: a staged write starts by reading back the last partial block.
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         self._fd = os.open(path, flags, 0o640)
         self._direct_fd: int | None = None
         self._staging = staging
@@ -110,6 +110,9 @@ class RecordingFile:
             with contextlib.suppress(OSError):  # EINVAL: no O_DIRECT on this file system
                 self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         self.size = 0  # bytes of complete records (and prelude) in the file
+        #: Set when a failed batch could not be cut away: nothing more is appended, so
+        #: the file still reads up to its last complete record.
+        self.unusable: OSError | None = None
 
     @property
     def direct(self) -> bool:
@@ -122,12 +125,11 @@ class RecordingFile:
         if any; after an error the file is cut back to its last complete record. Pipe
         chunks are consumed either way: emptied into the file, or discarded.
         """
-        try:
-            sink = self._sink_for(entries)
-        except OSError as exc:
+        if self.unusable is not None:
             for entry in entries:
                 release(entry)
-            return 0, exc
+            return 0, self.unusable
+        sink = self._sink_for(entries)
         try:
             if self.size == 0:
                 sink.add(encode_prelude(), None)
@@ -139,8 +141,10 @@ class RecordingFile:
                     sink.add(payload, index)
             sink.finish()
         except OSError as exc:
-            with contextlib.suppress(OSError):
+            try:
                 os.ftruncate(self._fd, sink.committed)
+            except OSError as cut:
+                self.unusable = OSError(cut.errno, f"cannot cut the file back: {cut.strerror}")
             self.size = sink.committed
             for entry in entries[sink.done :]:
                 release(entry)
@@ -152,16 +156,21 @@ class RecordingFile:
         return len(entries), None
 
     def close(self, sync: bool) -> None:
+        """Sync (if asked) and close; errors are logged, never raised (the file is done)."""
         self._stop_direct()
-        if self._fd < 0:
+        fd, self._fd = self._fd, -1
+        if fd < 0:
             return
         try:
             if sync:
-                with contextlib.suppress(OSError):
-                    os.fsync(self._fd)
+                os.fsync(fd)
+        except OSError as exc:
+            log.error("cannot sync recording %s: %s", self.path, exc.strerror or exc)
         finally:
-            os.close(self._fd)
-            self._fd = -1
+            try:
+                os.close(fd)
+            except OSError as exc:  # NFS reports late write errors here
+                log.error("closing recording %s failed: %s", self.path, exc.strerror or exc)
 
     def _sink_for(self, entries: Sequence[Entry]) -> _Sink:
         if self._direct_fd is not None and self._staging is not None:
@@ -171,9 +180,10 @@ class RecordingFile:
         return _VectorSink(self._fd, self.size)
 
     def _stop_direct(self) -> None:
-        if self._direct_fd is not None:
-            os.close(self._direct_fd)
-            self._direct_fd = None
+        fd, self._direct_fd = self._direct_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class _Sink:
@@ -231,7 +241,7 @@ class _VectorSink(_Sink):
         left = chunk.length
         try:
             while left:
-                moved = os.splice(chunk.pipe[0], self._fd, left, offset_dst=self._position)
+                moved = os.splice(chunk.read_end, self._fd, left, offset_dst=self._position)
                 if moved == 0:
                     raise OSError(0, "the recording pipe ran dry")
                 self._position += moved
@@ -258,9 +268,12 @@ class _VectorSink(_Sink):
 class _StagedSink(_Sink):
     """Assembled in an aligned staging buffer, written in whole blocks with O_DIRECT.
 
-    The staging buffer starts with the file's last partial block (read back from the
-    page cache), so each write starts on a block boundary; what is left after the
-    last whole block is written through the page cache by :meth:`finish`.
+    Bytes sit in the buffer at their offset within the file's 4 KiB blocks (the
+    buffer's start stands for the block that holds ``position``), so every O_DIRECT
+    write starts on a block boundary both in the file and in memory. The partial
+    block at the start (it holds records already in the file) and the one at the end
+    are written through the page cache: a block holding written records is never
+    written again, so a failing device cannot damage what the file already has.
     """
 
     def __init__(self, fd: int, direct_fd: int, staging: StagingBuffer, position: int) -> None:
@@ -268,13 +281,10 @@ class _StagedSink(_Sink):
         self._fd = fd
         self._direct_fd = direct_fd
         self._staging = staging
-        self._stage = stage = staging.view
-        self._file_at = position - position % BLOCK  # where stage[0] goes in the file
-        head = os.pread(fd, position - self._file_at, self._file_at) if position else b""
-        if len(head) != position - self._file_at:
-            raise OSError(0, "the recording's last block could not be read back")
-        stage[: len(head)] = head
-        self._fill = len(head)
+        self._stage = staging.view
+        self._file_at = position - position % BLOCK  # the file offset stage[0] stands for
+        self._lead = position % BLOCK  # stage[:lead] stands for bytes already in the file
+        self._fill = self._lead
         self.direct_refused = False
 
     def add(self, data: bytes, completes: int | None) -> None:
@@ -299,42 +309,55 @@ class _StagedSink(_Sink):
                     self._write_blocks()
                     continue
                 target = self._stage[self._fill : self._fill + min(room, left)]
-                got = os.readv(chunk.pipe[0], [target])
+                got = os.readv(chunk.read_end, [target])
                 if got == 0:
                     raise OSError(0, "the recording pipe ran dry")
                 self._fill += got
                 left -= got
-        except BaseException:
-            chunk.discard()
-            raise
-        chunk.emptied()
+        finally:
+            # Read out, or broken: either way the pipe is done with. The bytes now live
+            # in the staging buffer (or are lost with the batch if a write fails).
+            if left:
+                chunk.discard()
+            else:
+                chunk.emptied()
         self._pending_end(completes, self._file_at + self._fill)
 
     def finish(self) -> None:
         self._write_blocks()
-        if self._fill:
-            self._file_at += _write_all(self._fd, self._stage[: self._fill], self._file_at)
-            self._fill = 0
-            self._written_to(self._file_at)
+        if self._fill > self._lead:
+            partial = self._stage[self._lead : self._fill]
+            _write_all(self._fd, partial, self._file_at + self._lead)
+            self._written_to(self._file_at + self._fill)
+            self._file_at += self._fill
+            self._lead = self._fill = 0
 
     def _write_blocks(self) -> None:
         blocks = self._fill - self._fill % BLOCK
         if not blocks:
             return
-        data = self._stage[:blocks]
-        if not self.direct_refused:
-            try:
-                written = _write_all(self._direct_fd, data, self._file_at)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self.direct_refused = True  # alignment the device does not take
-        if self.direct_refused:
-            written = _write_all(self._fd, data, self._file_at)
-        self._file_at += written
+        direct_from = 0
+        if self._lead:
+            _write_all(self._fd, self._stage[self._lead : BLOCK], self._file_at + self._lead)
+            self._written_to(self._file_at + BLOCK)
+            direct_from, self._lead = BLOCK, 0
+        if blocks > direct_from:
+            self._write_direct(self._stage[direct_from:blocks], self._file_at + direct_from)
+        self._file_at += blocks
         self._stage[: self._fill - blocks] = self._stage[blocks : self._fill]
         self._fill -= blocks
         self._written_to(self._file_at)
+
+    def _write_direct(self, data: memoryview, offset: int) -> None:
+        if not self.direct_refused:
+            try:
+                _write_all(self._direct_fd, data, offset)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.direct_refused = True  # an alignment the device does not take
+        _write_all(self._fd, data, offset)
 
 
 def _write_all(fd: int, data: memoryview, offset: int) -> int:
@@ -494,24 +517,6 @@ class SessionWriter:
             self.lost.reason = self.lost.reason or self._pending_loss.reason
 
 
-#: How much lower than the rest of the process the recording thread runs (nice values).
-BACKGROUND_NICE = 19
-
-
-def _yield_to_the_relay() -> None:
-    """Lower the calling thread's CPU priority as far as Linux allows.
-
-    Recording is background work: when the relay and the writer compete for a core
-    (a bulk session on a busy or single-core machine), the relay must win, and the
-    recording falls behind, drops frames and marks the gap, as designed. With a core
-    to spare the thread gets it all the same. (On Linux ``setpriority`` with a thread
-    id applies to that thread alone; raising one's nice value needs no privilege.)
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICE)
-
-
 class RecordingThread:
     """The thread that writes every recording of one recorder.
 
@@ -535,11 +540,15 @@ class RecordingThread:
     def start(self) -> None:
         self._thread.start()
 
-    def add(self, writer: SessionWriter) -> None:
-        """Take on a new session's recording; its META record is written at once."""
+    def add(self, writer: SessionWriter) -> bool:
+        """Take on a new session's recording (its META record is written at once);
+        False once the thread is stopping."""
         with self.condition:
+            if self._stopping:
+                return False
             self._writers.add(writer)
             self.ready(writer, urgent=True)
+            return True
 
     def ready(self, writer: SessionWriter, urgent: bool) -> None:
         """``writer`` has records queued (called with :attr:`condition` held)."""
@@ -557,26 +566,43 @@ class RecordingThread:
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread (blocking); False if it is still busy after ``timeout``."""
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
         return not self._thread.is_alive()
 
     @staticmethod
-    def finish_file(writer: SessionWriter) -> None:
-        """Sync (when complete) and close a finished recording; blocks, so call it in a
-        worker thread."""
+    def finish_file(writer: SessionWriter, sync: bool = True) -> None:
+        """Sync (when complete) and close a finished recording, and say what it lacks;
+        blocks, so call it in a worker thread."""
         if writer.file is not None:
-            writer.file.close(sync=writer.complete)
+            writer.file.close(sync=sync and writer.complete)
         writer.report()
 
     def _run(self) -> None:
-        _yield_to_the_relay()
-        self._staging = StagingBuffer()
+        try:
+            self._serve()
+        except BaseException:  # a bug here must not leave every session's buffer unserved
+            log.exception("the recording thread failed; open recordings end here")
+        finally:
+            with self.condition:
+                self._stopping = True
+                left = list(self._writers)
+                self._writers.clear()
+            for writer in left:
+                writer.abandon()
+                self._on_finished(writer)
+
+    def _serve(self) -> None:
+        try:
+            self._staging = StagingBuffer()
+        except OSError as exc:  # ENOMEM: write through the page cache instead
+            log.warning("no staging buffer for O_DIRECT writes (%s)", exc.strerror or exc)
         while True:
             with self.condition:
                 while not self._ready and not self._stopping:
                     self.condition.wait()
                 if self._abandon or (self._stopping and not self._ready):
-                    break
+                    return
                 if not self._urgent:
                     # Let small frames gather: one wake-up per batch, not per frame.
                     self.condition.wait(FLUSH_DELAY)
@@ -584,12 +610,6 @@ class RecordingThread:
                 self._urgent = False
             for writer in ready:
                 self._write(writer)
-        with self.condition:
-            left = list(self._writers)
-            self._writers.clear()
-        for writer in left:
-            writer.abandon()
-            self._on_finished(writer)
 
     def _write(self, writer: SessionWriter) -> None:
         try:
