@@ -35,9 +35,10 @@ from trio_bridge.recording import (
     load_recording,
     open_recording,
 )
+from trio_bridge.recording import pipes as recording_pipes
 from trio_bridge.recording.buffer import Entry, EventBuffer
 from trio_bridge.recording.format import HEADER_SIZE, Meta, encode_header, encode_prelude
-from trio_bridge.recording.pipes import PipeChunk
+from trio_bridge.recording.pipes import PipeChunk, tee_chunk
 from trio_bridge.recording.recorder import SessionRecorder, recording_name
 from trio_bridge.recording.writer import STAGING_SIZE, RecordingFile, StagingBuffer
 from trio_bridge.replay import PayloadView, print_timeline
@@ -399,6 +400,29 @@ def test_a_failed_write_cuts_back_to_a_record_and_releases_every_pipe_once(
         assert file.append([(Kind.PING, 0, 99, b"after")]) == (1, None)  # and goes on
     else:
         assert (done, error) == (len(entries), None)
+
+
+def test_recordings_hold_no_more_pipes_than_their_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the process-wide budget a spliced chunk is not tee'd (the frame counts as
+    lost); every chunk released gives its pipe back to the budget, once."""
+    monkeypatch.setattr(recording_pipes.BUDGET, "limit", 2)
+    held = recording_pipes.BUDGET.held
+    source = PIPES.take()
+    try:
+        os.write(source[1], b"spliced")
+        first, second, third = (tee_chunk(source[0], 7) for _ in range(3))
+        assert isinstance(first, PipeChunk) and isinstance(second, PipeChunk)
+        assert isinstance(third, str) and "recording pipes in use" in third
+        assert os.read(first.read_end, 7) == b"spliced"
+        first.emptied()
+        second.discard()
+        second.discard()
+        assert recording_pipes.BUDGET.held == held
+        fourth = tee_chunk(source[0], 7)
+        assert isinstance(fourth, PipeChunk)
+        fourth.discard()
+    finally:
+        PIPES.discard(source)
 
 
 # -- the recorder's buffer --------------------------------------------------------------------

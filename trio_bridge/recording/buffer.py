@@ -30,9 +30,10 @@ Entry = tuple[int, int, int, Payload]
 #: What a queued entry costs in memory besides its payload (tuple, ints, bytes object).
 ENTRY_OVERHEAD = 160
 
-#: Pipes a session may hold queued for its recording (two descriptors each). A
-#: pipe chunk's bytes count against the buffer's limit like any payload.
-MAX_PIPES = 32
+#: Pipes a session may hold queued for its recording (two descriptors each; see also
+#: the process-wide :data:`~trio_bridge.recording.pipes.MAX_RECORDING_PIPES`). A pipe
+#: chunk's bytes count against the buffer's limit like any payload.
+MAX_PIPES = 16
 
 #: The writer takes a batch when this much is queued, or :data:`FLUSH_DELAY` seconds
 #: after the first frame of a batch: one wake-up of the recording thread per batch

@@ -13,11 +13,42 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import threading
 from collections.abc import Callable
 
 from ..pipes import PIPES, Pipe
 
 TEE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+#: Pipes all recordings of the process may hold at once (1 MiB each). The kernel caps
+#: the pipe pages of a user (fs.pipe-user-pages-soft, 64 MiB by default) and past that
+#: hands out 8 KiB pipes, which would slow the relay's own splicing for every session:
+#: recordings get at most half of that budget, and drop (and mark) what they cannot hold.
+MAX_RECORDING_PIPES = 32
+
+
+class _PipeBudget:
+    """How many pipes the recordings hold; taken in the event loop, returned in either
+    thread."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.held >= self.limit:
+                return False
+            self.held += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.held -= 1
+
+
+BUDGET = _PipeBudget(MAX_RECORDING_PIPES)
 
 
 def _bind_tee() -> Callable[[int, int, int, int], int] | None:
@@ -56,11 +87,12 @@ class PipeChunk:
     did before: a pipe closed twice could close a descriptor the process has reused.
     """
 
-    __slots__ = ("_pipe", "length")
+    __slots__ = ("_budget", "_pipe", "length")
 
-    def __init__(self, pipe: Pipe, length: int) -> None:
+    def __init__(self, pipe: Pipe, length: int, budget: _PipeBudget | None = None) -> None:
         self._pipe: Pipe | None = pipe
         self.length = length
+        self._budget = budget  # given back with the pipe
 
     def __len__(self) -> int:
         return self.length
@@ -75,12 +107,18 @@ class PipeChunk:
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
             PIPES.discard(pipe)
+            self._give_back_budget()
 
     def emptied(self) -> None:
         """The chunk's bytes were read out: its pipe is empty and goes back to the pool."""
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
             PIPES.give_back(pipe)
+            self._give_back_budget()
+
+    def _give_back_budget(self) -> None:
+        if self._budget is not None:
+            self._budget.give_back()
 
 
 def tee_chunk(source: int, length: int) -> PipeChunk | str:
@@ -90,16 +128,20 @@ def tee_chunk(source: int, length: int) -> PipeChunk | str:
     Never blocks: the source holds the bytes already and the copy goes into an empty
     pipe as large as the source's.
     """
+    if not BUDGET.take():
+        return f"all {BUDGET.limit} recording pipes in use (the disk was slower than the sessions)"
     try:
         pipe = PIPES.take()
     except OSError as exc:
+        BUDGET.give_back()
         return f"no pipe to record spliced data ({exc.strerror or exc})"
+    chunk = PipeChunk(pipe, length, BUDGET)
     try:
         copied = tee(source, pipe[1], length, TEE_FLAGS)
     except OSError as exc:
-        PIPES.discard(pipe)
+        chunk.discard()
         return f"tee(2) failed ({exc.strerror or exc})"
     if copied != length:
-        PIPES.discard(pipe)
+        chunk.discard()
         return "tee(2) fell short (pipe size capped by fs.pipe-user-pages-soft)"
-    return PipeChunk(pipe, length)
+    return chunk
