@@ -40,7 +40,12 @@ from trio_bridge.recording.buffer import Entry, EventBuffer
 from trio_bridge.recording.format import HEADER_SIZE, Meta, encode_header, encode_prelude
 from trio_bridge.recording.pipes import PipeChunk, tee_chunk
 from trio_bridge.recording.recorder import SessionRecorder, recording_name
-from trio_bridge.recording.writer import STAGING_SIZE, RecordingFile, StagingBuffer
+from trio_bridge.recording.writer import (
+    STAGING_SIZE,
+    RecordingFile,
+    SessionWriter,
+    StagingBuffer,
+)
 from trio_bridge.replay import PayloadView, print_timeline
 from trio_bridge.session import RECV_SIZE
 
@@ -423,6 +428,36 @@ def test_recordings_hold_no_more_pipes_than_their_budget(monkeypatch: pytest.Mon
         fourth.discard()
     finally:
         PIPES.discard(source)
+
+
+def test_a_bug_while_writing_a_batch_leaks_no_pipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception mid-batch (the recording thread logs it and gives the
+    recording up) still releases the batch's pipes and their share of the budget."""
+    held = recording_pipes.BUDGET.held
+    buffer = EventBuffer(limit=8 << 20)
+    meta = (Kind.META, 0, 0, Meta("b0gb0g00", "c", "t", "/", None, 0.0).encode())
+    writer = SessionWriter("b0gb0g00", tmp_path / "x.tbrec", meta, buffer)
+    source = PIPES.take()
+    try:
+        os.write(source[1], b"spliced")
+        for _ in range(3):
+            chunk = tee_chunk(source[0], 7)
+            assert isinstance(chunk, PipeChunk) and buffer.put(Kind.BINARY, 0x03, 1, chunk)
+        assert recording_pipes.BUDGET.held == held + 3
+
+        def bug(self: RecordingFile, entries: object) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(RecordingFile, "append", bug)
+        with pytest.raises(RuntimeError):
+            writer.write_pending()
+        assert recording_pipes.BUDGET.held == held
+    finally:
+        PIPES.discard(source)
+        if writer.file is not None:
+            writer.file.close(sync=False)
 
 
 # -- the recorder's buffer --------------------------------------------------------------------

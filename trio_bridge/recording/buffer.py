@@ -172,7 +172,13 @@ class EventBuffer:
                 self._signal(urgent=full)
         return True
 
-    def lose(self, flags: int, time_us: int, size: int, reason: str) -> None:
+    def room_for_pipe(self, size: int) -> bool:
+        """Whether a pipe chunk of ``size`` bytes would be queued now (checked before a
+        tee(2), so that a full buffer costs no pipe; :meth:`put` decides for good)."""
+        cost = size + ENTRY_OVERHEAD
+        return self._queued + self._in_flight + cost <= self.limit and self._pipes < MAX_PIPES
+
+    def lose(self, flags: int, time_us: int, size: int, reason: str = "") -> None:
         """Count a frame the observer could not even queue (e.g. no pipe to tee into)."""
         with self._condition:
             if not self._closed:

@@ -136,6 +136,10 @@ class SessionRecorder:
         if self.buffer.closed:  # the recording was given up: no pipe to spend on it
             return
         flags = FLAG_DOWN | FLAG_FIN
+        if not self.buffer.room_for_pipe(length):
+            self.buffer.lose(flags, self._now_us(), length)
+            self._warn_full()
+            return
         chunk = tee_chunk(pipe, length)
         if isinstance(chunk, str):
             self.buffer.lose(flags, self._now_us(), length, chunk)
@@ -235,8 +239,11 @@ class Recorder:
 
     def open(self, info: SessionInfo) -> SessionRecorder | None:
         thread = self._thread
-        if self._nursery is None or thread is None or self._closing.is_set():
+        if self._nursery is None or thread is None:
             log.warning("session %s: not recorded: the recorder is not running", info.session_id)
+            return None
+        if self._closing.is_set():
+            log.warning("session %s: not recorded: the recorder is stopping", info.session_id)
             return None
         path = self.folder / recording_name(info)
         meta = Meta(

@@ -260,6 +260,8 @@ class _VectorSink(_Sink):
     def _write(self) -> None:
         while self._buffers:
             n = os.pwritev(self._fd, list(islice(self._buffers, IOV_MAX)), self._position)
+            if n == 0:
+                raise OSError(errno.EIO, "the file took no bytes")
             self._position += n
             _consume(self._buffers, n)
             self._written_to(self._position)
@@ -363,7 +365,10 @@ class _StagedSink(_Sink):
 def _write_all(fd: int, data: memoryview, offset: int) -> int:
     written = 0
     while written < len(data):
-        written += os.pwrite(fd, data[written:], offset + written)
+        n = os.pwrite(fd, data[written:], offset + written)
+        if n == 0:
+            raise OSError(errno.EIO, "the file took no bytes")
+        written += n
     return written
 
 
@@ -423,6 +428,10 @@ class SessionWriter:
             if ended:
                 self.finished = True
         finally:
+            # Whatever went wrong, no pipe outlives its batch (releasing is idempotent:
+            # chunks already written or released are left alone).
+            for entry in entries:
+                release(entry)
             self.buffer.written()
 
     def abandon(self) -> None:
@@ -589,8 +598,10 @@ class RecordingThread:
                 left = list(self._writers)
                 self._writers.clear()
             for writer in left:
-                writer.abandon()
-                self._on_finished(writer)
+                try:
+                    writer.abandon()
+                finally:
+                    self._on_finished(writer)
 
     def _serve(self) -> None:
         try:
