@@ -154,9 +154,7 @@ class EventBuffer:
             if self._closed:
                 release((kind, flags, time_us, payload))
                 return True
-            if self._queued + self._in_flight + cost > self.limit or (
-                is_pipe and self._pipes >= MAX_PIPES
-            ):
+            if not self._has_room(cost, is_pipe):
                 self._lose(flags, time_us, size)
                 release((kind, flags, time_us, payload))
                 return False
@@ -175,8 +173,7 @@ class EventBuffer:
     def room_for_pipe(self, size: int) -> bool:
         """Whether a pipe chunk of ``size`` bytes would be queued now (checked before a
         tee(2), so that a full buffer costs no pipe; :meth:`put` decides for good)."""
-        cost = size + ENTRY_OVERHEAD
-        return self._queued + self._in_flight + cost <= self.limit and self._pipes < MAX_PIPES
+        return self._has_room(size + ENTRY_OVERHEAD, is_pipe=True)
 
     def lose(self, flags: int, time_us: int, size: int, reason: str = "") -> None:
         """Count a frame the observer could not even queue (e.g. no pipe to tee into)."""
@@ -228,6 +225,11 @@ class EventBuffer:
     @property
     def queued(self) -> int:
         return self._queued
+
+    def _has_room(self, cost: int, is_pipe: bool) -> bool:
+        if is_pipe and self._pipes >= MAX_PIPES:
+            return False
+        return self._queued + self._in_flight + cost <= self.limit
 
     def _signal(self, urgent: bool) -> None:
         if self._on_ready is not None:

@@ -143,26 +143,22 @@ class SessionRecorder:
         chunk = tee_chunk(pipe, length)
         if isinstance(chunk, str):
             self.buffer.lose(flags, self._now_us(), length, chunk)
-            if not self._warned:
-                self._warned = True
-                log.warning(
-                    "session %s: cannot record spliced target data: %s; the gap is marked in %s",
-                    self.info.session_id,
-                    chunk,
-                    self.path,
-                )
+            self._warn_once(f"cannot record spliced target data: {chunk}")
         elif not self.buffer.put(Kind.BINARY, flags, self._now_us(), chunk):
             self._warn_full()
 
     def _warn_full(self) -> None:
+        self._warn_once(
+            f"recording buffer full ({self.buffer.limit} bytes): dropping events until "
+            "the disk catches up"
+        )
+
+    def _warn_once(self, what: str) -> None:
+        """The first loss of a session is worth a line; the counts come at its end."""
         if not self._warned:
             self._warned = True
             log.warning(
-                "session %s: recording buffer full (%d bytes): dropping events until "
-                "the disk catches up; the gap is marked in %s",
-                self.info.session_id,
-                self.buffer.limit,
-                self.path,
+                "session %s: %s; the gap is marked in %s", self.info.session_id, what, self.path
             )
 
     def on_end(self, close_code: int | None, close_reason: str, closed_by: str) -> None:
