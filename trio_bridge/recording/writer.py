@@ -9,7 +9,9 @@ the event loop costs a few scheduling rounds of a busy loop (measured: ~10 ms pe
 batch while a session relays 1 GiB/s), which capped the recorder at about a third
 of a bulk session's rate. The thread instead waits on a condition that the buffers
 signal directly, takes every ready session's records and writes each session's batch
-with one ``pwritev`` (target data held in pipes is spliced into the file).
+at once: a small one with one ``pwritev`` through the page cache, a large one staged
+and written with O_DIRECT (see :class:`RecordingFile`); target data held in pipes is
+spliced or read from its pipe into the file.
 
 Failure policy: a write error (disk full, quota, I/O error) cuts the file back to the
 end of its last complete record, so it stays readable, and what could not be written
