@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -202,7 +203,7 @@ class Recorder:
         self.folder = await trio.to_thread.run_sync(check_folder, self.folder)
         log.info("recording sessions to %s", self.folder)
         self._token = trio.lowlevel.current_trio_token()
-        thread = RecordingThread(self._thread_finished)
+        thread = RecordingThread(self._thread_finished, threading.get_native_id())
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery

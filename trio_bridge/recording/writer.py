@@ -41,6 +41,7 @@ from pathlib import Path
 from .buffer import FLUSH_DELAY, Entry, EventBuffer, Loss, release
 from .format import Kind, encode_header, encode_prelude
 from .pipes import PipeChunk
+from .relay_first import RelayFirst
 
 log = logging.getLogger("trio_bridge.recording")
 
@@ -537,8 +538,12 @@ class RecordingThread:
     and closes it, see :meth:`finish_file`).
     """
 
-    def __init__(self, on_finished: Callable[[SessionWriter], None]) -> None:
+    def __init__(
+        self, on_finished: Callable[[SessionWriter], None], loop_thread_id: int | None = None
+    ) -> None:
         self.condition = threading.Condition()
+        # The event loop's thread, whose wait for a CPU the writer keeps small.
+        self._relay_first = RelayFirst(loop_thread_id) if loop_thread_id is not None else None
         self._on_finished = on_finished
         self._ready: dict[SessionWriter, None] = {}  # insertion-ordered set
         self._writers: set[SessionWriter] = set()
@@ -621,8 +626,13 @@ class RecordingThread:
                     self.condition.wait(FLUSH_DELAY)
                 ready, self._ready = list(self._ready), {}
                 self._urgent = False
+            started = time.thread_time()
             for writer in ready:
                 self._write(writer)
+            if self._relay_first is not None:
+                pause = self._relay_first.pause_after(time.thread_time() - started)
+                if pause:
+                    time.sleep(pause)
 
     def _write(self, writer: SessionWriter) -> None:
         try:
