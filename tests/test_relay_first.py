@@ -23,7 +23,7 @@ PROBE = textwrap.dedent(
     deadline = time.monotonic() + 0.3
     while time.monotonic() < deadline:  # the "event loop", busy, on the shared core
         pass
-    print(relay_first.pause_after(0.02))
+    print(relay_first.pause_after(0.01))
     """
 )
 
@@ -48,5 +48,5 @@ def pause_seen(cpu: int, rival: bool) -> float:
 @pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="no schedstat here")
 def test_the_writer_pauses_only_while_the_loop_waits_for_its_core() -> None:
     cpu = max(os.sched_getaffinity(0))
-    assert pause_seen(cpu, rival=True) == 0.02  # waited about half the time: back off
+    assert pause_seen(cpu, rival=True) == pytest.approx(0.03)  # waited half the time: back off
     assert pause_seen(cpu, rival=False) == 0.0  # had the core to itself: carry on

@@ -7,9 +7,11 @@ it runs Python code, and preempted at such a moment it makes the event loop wait
 longer, not less. Instead the writer looks at the kernel's count of how long the
 event-loop thread waited for a CPU (``run_delay`` in ``/proc/.../schedstat``) and, when
 that wait is more than :data:`LOOP_WAIT_SHARE` of the time since its last look, sleeps
-(without the GIL) as long as it just worked. The relay keeps its rate, the session's
-buffer fills and the recording drops what it cannot keep, marking the gap. With a core
-to spare the event loop never waits on the writer's account and the writer never sleeps.
+(without the GIL) :data:`BACK_OFF` times as long as it just worked. The relay keeps its
+rate, the session's buffer fills and the recording drops what it cannot keep, marking
+the gap. With a core to spare the event loop seldom waits and the writer seldom sleeps.
+(The loop also waits for a CPU when other programs take its core; the writer backs off
+then too, which is the side to err on.)
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import time
 
 #: The share of wall time the event loop may spend waiting for a CPU before the
 #: writer backs off.
-LOOP_WAIT_SHARE = 0.1
+LOOP_WAIT_SHARE = 0.05
+#: How long the writer then sleeps, in multiples of the CPU time its batch took: the
+#: relay gets the core back for several times what the writer took from it.
+BACK_OFF = 3.0
 #: The longest single back-off: the writer stays responsive to new sessions and to stop().
 MAX_PAUSE = 0.05
 
@@ -47,7 +52,7 @@ class RelayFirst:
         self._last_delay, self._last_time = delay, now
         if elapsed <= 0 or waited <= self._share * elapsed:
             return 0.0
-        return min(MAX_PAUSE, worked)
+        return min(MAX_PAUSE, BACK_OFF * worked)
 
     def _run_delay(self) -> int | None:
         """Nanoseconds the event-loop thread has spent runnable but waiting for a CPU."""
