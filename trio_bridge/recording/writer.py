@@ -542,7 +542,7 @@ class RecordingThread:
         self, on_finished: Callable[[SessionWriter], None], loop_thread_id: int | None = None
     ) -> None:
         self.condition = threading.Condition()
-        # The event loop's thread, whose wait for a CPU the writer keeps small.
+        # The event loop's thread: while it is CPU-bound the writer backs off.
         self._relay_first = RelayFirst(loop_thread_id) if loop_thread_id is not None else None
         self._on_finished = on_finished
         self._ready: dict[SessionWriter, None] = {}  # insertion-ordered set
