@@ -19,8 +19,9 @@ import pytest
 import trio
 from websockets.trio.client import connect
 
-from trio_bridge import TcpAddress
+from trio_bridge import Config, TcpAddress
 from trio_bridge.cli import build_parser, config_from_args
+from trio_bridge.config import ConfigError
 from trio_bridge.observe import Direction, SessionInfo
 from trio_bridge.pipes import PIPES
 from trio_bridge.pytest_plugin import StartBridge
@@ -35,11 +36,12 @@ from trio_bridge.recording import (
     load_recording,
     open_recording,
 )
+from trio_bridge.recording import buffer as recording_buffer
 from trio_bridge.recording import pipes as recording_pipes
 from trio_bridge.recording.buffer import Entry, EventBuffer
 from trio_bridge.recording.format import HEADER_SIZE, Meta, encode_header, encode_prelude
 from trio_bridge.recording.pipes import PipeChunk, tee_chunk
-from trio_bridge.recording.recorder import SessionRecorder, recording_name
+from trio_bridge.recording.recorder import SessionRecorder, recorder_for, recording_name
 from trio_bridge.recording.writer import (
     STAGING_SIZE,
     RecordingFile,
@@ -145,11 +147,19 @@ async def test_names_sort_by_time_and_files_are_compact(
 
 
 async def test_target_data_relayed_by_splice_is_recorded_byte_for_byte(
-    nursery: trio.Nursery, start_ws_bridge: StartBridge, tmp_path: Path
+    nursery: trio.Nursery,
+    start_ws_bridge: StartBridge,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Bulk target data takes the zero-copy path (frames larger than one framed read
-    of RECV_SIZE prove it); the recorder tee(2)s it and the file holds every byte."""
-    data = os.urandom(16 << 20)
+    of RECV_SIZE prove it); the recorder tee(2)s it and the file holds every byte.
+
+    6 MiB fit the session's 8 MiB buffer, and the pipe caps are lifted, so however
+    slowly a loaded machine runs the writer, nothing may be dropped."""
+    monkeypatch.setattr(recording_buffer, "MAX_PIPES", 10_000)
+    monkeypatch.setattr(recording_pipes.BUDGET, "limit", 10_000)
+    data = os.urandom(6 << 20)
 
     async def bulk_target(stream: trio.SocketStream) -> None:
         with contextlib.suppress(trio.BrokenResourceError):
@@ -511,6 +521,21 @@ def test_record_option(
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/trio-bridge:/var/lib/other")
     config = config_from_args(build_parser().parse_args(["--record", "6080", "h:1"]))
     assert config.record == Path("/var/lib/trio-bridge")
+
+
+@pytest.mark.parametrize(
+    "extra, relay_first", [([], True), (["--record-priority", "recording"], False)]
+)
+def test_record_priority_option(extra: list[str], relay_first: bool, tmp_path: Path) -> None:
+    args = build_parser().parse_args(["--record", str(tmp_path), *extra, "6080", "h:1"])
+    config = config_from_args(args)
+    recorder = recorder_for(config)
+    assert recorder is not None and recorder.relay_first is relay_first
+    assert recorder.options["record_priority"] == config.record_priority  # kept in META
+    with pytest.raises(SystemExit):  # argparse: one line naming the choices
+        build_parser().parse_args(["--record-priority", "disk", "6080", "h:1"])
+    with pytest.raises(ConfigError, match="--record-priority"):
+        Config(target=TcpAddress("h", 1), record_priority="disk")
 
 
 async def test_an_empty_close_frame_is_recorded_as_sent(

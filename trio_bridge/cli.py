@@ -162,6 +162,14 @@ def build_parser() -> OneLineParser:
         help="record every session to its own file in DIR (default: $STATE_DIRECTORY under "
         "systemd, else ./recordings); see docs/recording-format.md",
     )
+    parser.add_argument(
+        "--record-priority",
+        choices=("relay", "recording"),
+        default="relay",
+        help="when the relay is CPU-bound: 'relay' (default) keeps its rate and the "
+        "recording drops what it cannot keep (marked as gaps); 'recording' writes every "
+        "frame the recording buffer holds, slowing the relay",
+    )
     _add_security_arguments(parser, defaults)
     return parser
 
@@ -467,6 +475,7 @@ def config_from_args(args: argparse.Namespace, *, sockets_inherited: bool = Fals
         wrap=wrap,
         metrics_listen=metrics,
         record=record,
+        record_priority=args.record_priority,
         **_security_fields(args),
     )
 

@@ -108,6 +108,7 @@ def options_from_config(config: Config) -> dict[str, Any]:
     return {
         "compression": config.compression,
         "limits": dataclasses.asdict(config.limits),
+        "record_priority": config.record_priority,
     }
 
 
@@ -181,8 +182,12 @@ class Recorder:
         options: Mapping[str, Any] | None = None,
         buffer_limit: int = DEFAULT_BUFFER_LIMIT,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        relay_first: bool = True,
     ) -> None:
         self.folder = Path(folder)
+        #: While the relay is CPU-bound the writer backs off (see relay_first.py); False
+        #: writes every frame the buffer holds instead, at the relay's expense.
+        self.relay_first = relay_first
         self.options = dict(options or {})
         self.buffer_limit = buffer_limit
         self.drain_timeout = drain_timeout
@@ -203,7 +208,8 @@ class Recorder:
         self.folder = await trio.to_thread.run_sync(check_folder, self.folder)
         log.info("recording sessions to %s", self.folder)
         self._token = trio.lowlevel.current_trio_token()
-        thread = RecordingThread(self._thread_finished, threading.get_native_id())
+        loop_thread = threading.get_native_id() if self.relay_first else None
+        thread = RecordingThread(self._thread_finished, loop_thread)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -335,4 +341,8 @@ def recorder_for(config: Config) -> Recorder | None:
     """The recorder ``config.record`` asks for (not yet running), or None."""
     if config.record is None:
         return None
-    return Recorder(config.record, options=options_from_config(config))
+    return Recorder(
+        config.record,
+        options=options_from_config(config),
+        relay_first=config.record_priority == "relay",
+    )
