@@ -222,10 +222,6 @@ class EventBuffer:
     def closed(self) -> bool:
         return self._closed
 
-    @property
-    def queued(self) -> int:
-        return self._queued
-
     def _has_room(self, cost: int, is_pipe: bool) -> bool:
         if is_pipe and self._pipes >= MAX_PIPES:
             return False

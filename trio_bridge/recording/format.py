@@ -43,8 +43,6 @@ from ..observe import Direction
 
 MAGIC = b"\x89TBR\r\n\x1a\n"
 VERSION = 2
-#: Versions this reader understands; the writer writes :data:`VERSION`.
-READABLE_VERSIONS = (1, 2)
 FORMAT_NAME = "trio-bridge-recording"
 FILE_SUFFIX = ".tbrec"
 
@@ -125,8 +123,8 @@ def check_prelude(data: bytes) -> HeaderLayout:
     if len(data) < PRELUDE.size:
         raise FormatError(len(data), "the file ends inside the 12-byte prelude")
     _, version, _ = PRELUDE.unpack(data)
-    if version not in READABLE_VERSIONS:
-        known = " and ".join(str(v) for v in READABLE_VERSIONS)
+    if version not in LAYOUTS:  # the versions this reader knows; it writes VERSION
+        known = " and ".join(str(v) for v in sorted(LAYOUTS))
         raise FormatError(
             8,
             f"recording format version {version} is not supported (this reader knows "

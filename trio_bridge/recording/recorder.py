@@ -245,9 +245,6 @@ class Recorder:
         if self._nursery is None or thread is None:
             log.warning("session %s: not recorded: the recorder is not running", info.session_id)
             return None
-        if self._closing.is_set():
-            log.warning("session %s: not recorded: the recorder is stopping", info.session_id)
-            return None
         path = self.folder / recording_name(info)
         meta = Meta(
             session_id=info.session_id,
@@ -264,7 +261,7 @@ class Recorder:
             self.buffer_limit, thread.condition, lambda urgent: thread.ready(writer, urgent)
         )
         writer = SessionWriter(info.session_id, path, meta_entry, buffer)
-        if not thread.add(writer):
+        if self._closing.is_set() or not thread.add(writer):
             log.warning("session %s: not recorded: the recorder is stopping", info.session_id)
             return None
         self._writers.add(writer)
@@ -284,11 +281,11 @@ class Recorder:
             assert token is not None
             token.run_sync_soon(self._close_soon, writer)
         except trio.RunFinishedError:
-            RecordingThread.finish_file(writer)  # no event loop left to do it
+            writer.finish()  # no event loop left to do it
 
     def _close_soon(self, writer: SessionWriter) -> None:
         if self._nursery is None:  # run() is on its way out: close here, unsynced
-            RecordingThread.finish_file(writer, sync=False)
+            writer.finish(sync=False)
             self._closed(writer)
             return
         self._nursery.start_soon(self._close_file, writer)
@@ -296,7 +293,7 @@ class Recorder:
     async def _close_file(self, writer: SessionWriter) -> None:
         # Shielded: a recording that was written is also synced and closed.
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(RecordingThread.finish_file, writer)
+            await trio.to_thread.run_sync(writer.finish)
         self._closed(writer)
 
     def _closed(self, writer: SessionWriter) -> None:

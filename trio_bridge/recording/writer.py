@@ -443,6 +443,13 @@ class SessionWriter:
             release(entry)
         self.finished = True
 
+    def finish(self, sync: bool = True) -> None:
+        """Sync (when complete) and close the file, and say what it lacks; blocks, so
+        the recorder calls it in a worker thread, after :attr:`finished`."""
+        if self.file is not None:
+            self.file.close(sync=sync and self.complete)
+        self.report()
+
     def report(self) -> None:
         """The recording's last word in the log: what it lacks, if anything."""
         dropped, failed = self.buffer.dropped, self.lost
@@ -519,9 +526,9 @@ class SessionWriter:
         self._retry_at = time.monotonic() + RETRY_INTERVAL
 
     def _lose(self, entry: Entry) -> None:
-        """Count an entry that will not reach the file."""
+        """Count an entry that will not reach the file (its pipe, if any, is released
+        with the rest of the batch by :meth:`write_pending`)."""
         assert self._pending_loss is not None
-        release(entry)
         self._pending_loss.absorb(entry)
         kind, flags, time_us, payload = entry
         if kind not in (Kind.GAP, Kind.META, Kind.END):  # GAPs were counted when dropped
@@ -535,7 +542,7 @@ class RecordingThread:
     Sessions' buffers signal it through :attr:`condition`; it takes each ready
     session's records in turn. ``on_finished(writer)`` is called from this thread when
     a recording needs nothing more from it (its file is still open: the caller syncs
-    and closes it, see :meth:`finish_file`).
+    and closes it, see :meth:`SessionWriter.finish`).
     """
 
     def __init__(
@@ -585,14 +592,6 @@ class RecordingThread:
         if self._thread.ident is not None:  # started
             self._thread.join(timeout)
         return not self._thread.is_alive()
-
-    @staticmethod
-    def finish_file(writer: SessionWriter, sync: bool = True) -> None:
-        """Sync (when complete) and close a finished recording, and say what it lacks;
-        blocks, so call it in a worker thread."""
-        if writer.file is not None:
-            writer.file.close(sync=sync and writer.complete)
-        writer.report()
 
     def _run(self) -> None:
         try:
