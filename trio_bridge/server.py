@@ -82,6 +82,10 @@ class Bridge:
             if resolver is None:
                 raise ConfigError("no target: give Config.target, Config.tokens or a resolver")
         self.resolver = resolver
+        # How request paths appear in logs and recordings: without the secrets the
+        # resolver reads from them (query values by default; a path token under
+        # --token-from path).
+        self.redact_path: Callable[[str], str] = getattr(resolver, "redact_path", redact_query)
         # Security components (docs/security.md); gates run before the resolver.
         self.gates = list(gates) if gates is not None else gates_for(config)
         self.tls = ServerTls.for_config(config)
@@ -370,7 +374,7 @@ class Bridge:
             "session %s opened: client=%s path=%s target=%s subprotocol=%s",
             stats.session_id,
             peer,
-            redact_query(request.path),
+            self.redact_path(request.path),
             address,
             protocol.subprotocol,
         )
@@ -380,7 +384,7 @@ class Bridge:
                 session_id=stats.session_id,
                 client=peer,
                 target=stats.target,
-                path=redact_query(request.path),
+                path=self.redact_path(request.path),
                 subprotocol=protocol.subprotocol,
                 started_wall=time.time(),
             )
@@ -408,7 +412,7 @@ class Bridge:
             "client %s: %s %s -> %d%s",
             channel.peer,
             request.method,
-            redact_query(request.path),
+            self.redact_path(request.path),
             status,
             f": {refusal_reason(response)}" if status >= 400 else "",
         )
