@@ -115,17 +115,39 @@ async def test_bad_handshake_is_logged_with_status_and_cause(
     assert record.levelname in ("INFO", "WARNING")
 
 
-async def test_non_http_bytes_are_dropped_and_logged(
+async def test_non_http_bytes_are_answered_400_and_logged(
     bridge: RunningBridge, bridge_log: LogWaiter
 ) -> None:
     with trio.fail_after(10):
         async with healthy_session(bridge.url):
             client = await RawClient.open(bridge.port)
             await client.send(b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n")
-            # websockets answers nothing it cannot parse as HTTP: just EOF
-            assert await client.read_to_eof() == b""
+            answer = await client.read_to_eof()
+            assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+            assert b"unsupported protocol" in answer
+            assert b"\x16" not in answer  # client bytes are escaped, not echoed raw
             await client.aclose()
             await bridge_log.wait_for(client.local_address, "bad HTTP request")
+
+
+@pytest.mark.parametrize(
+    ("extra", "cause"),
+    [
+        (b"Content-Length: 5\r\n", b"unsupported request body"),
+        (b"Transfer-Encoding: chunked\r\n", b"transfer codings"),
+    ],
+)
+async def test_a_request_with_a_body_is_answered_400_as_documented(
+    bridge: RunningBridge, bridge_log: LogWaiter, extra: bytes, cause: bytes
+) -> None:
+    with trio.fail_after(10):
+        client = await RawClient.open(bridge.port)
+        await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\nhello")
+        answer = await client.read_to_eof()
+        assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+        assert cause in answer
+        await client.aclose()
+        await bridge_log.wait_for(client.local_address, "refused with 400")
 
 
 # -- frames after a successful handshake ------------------------------------------------

@@ -32,6 +32,7 @@ from .config import (
     UnixAddress,
     parse_host_port,
 )
+from .logs import EscapeControlCharacters
 from .recording import default_folder
 from .service import run
 from .systemd import LOG_DESTINATIONS, log_handler
@@ -57,6 +58,11 @@ def parse_size(text: str) -> int:
 
 
 parse_seconds = positive_number("a number of seconds")
+
+
+def parse_seconds_or_off(text: str) -> float | None:
+    """Seconds, or 0 for "off"."""
+    return None if text.strip() in ("0", "0.0") else parse_seconds(text)
 
 
 def parse_mode(text: str) -> int:
@@ -121,10 +127,18 @@ def build_parser() -> OneLineParser:
     )
     timing = parser.add_argument_group("time limits (seconds)")
     timing.add_argument(
-        "--heartbeat", type=parse_seconds, metavar="S", help="ping clients every S seconds"
+        "--heartbeat",
+        type=parse_seconds_or_off,
+        default=defaults.heartbeat,
+        metavar="S",
+        help="ping clients every S seconds; no pong within S closes the session "
+        f"(default: {defaults.heartbeat:g}; 0 turns it off)",
     )
     timing.add_argument(
-        "--idle-timeout", type=parse_seconds, metavar="S", help="close sessions idle for S"
+        "--idle-timeout",
+        type=parse_seconds_or_off,
+        metavar="S",
+        help="close sessions with no data either way for S (default: off)",
     )
     timing.add_argument(
         "--timeout",
@@ -152,6 +166,14 @@ def build_parser() -> OneLineParser:
         default=defaults.max_connections,
         metavar="N",
         help=f"answer 503 beyond N open connections (default: {defaults.max_connections})",
+    )
+    parser.add_argument(
+        "--max-handshakes",
+        type=int,
+        default=defaults.max_handshakes,
+        metavar="N",
+        help="at most N connections in their opening handshake; a new one closes the "
+        f"oldest (default: {defaults.max_handshakes})",
     )
     add_web_wrap_metrics_arguments(parser)
     parser.add_argument(
@@ -454,6 +476,7 @@ def config_from_args(args: argparse.Namespace, *, sockets_inherited: bool = Fals
         heartbeat=args.heartbeat,
         max_message_size=args.max_message_size,
         max_connections=args.max_connections,
+        max_handshakes=args.max_handshakes,
         shutdown_grace=args.shutdown_grace,
         max_connections_per_address=args.max_connections_per_address or None,
         connection_rate=args.connection_rate or None,
@@ -482,10 +505,12 @@ def config_from_args(args: argparse.Namespace, *, sockets_inherited: bool = Fals
 
 def setup_logging(verbose: bool, destination: str = "auto") -> None:
     """``destination`` is ``--log``: the journal (with structured fields) or stderr."""
+    handler = log_handler(destination)
+    handler.addFilter(EscapeControlCharacters())  # client text must not forge log lines
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=[log_handler(destination)],
+        handlers=[handler],
     )
     # websockets logs every handshake at INFO; the bridge logs its own summary.
     logging.getLogger("trio_bridge.websocket").setLevel(logging.WARNING)

@@ -95,11 +95,16 @@ class Limits:
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
     close_timeout: float = 2.0
+    # A production default: a peer that vanished without a FIN (a laptop lid, a NAT
+    # timeout) is found within two heartbeats; a quiet but live session is kept.
     idle_timeout: float | None = None
     session_timeout: float | None = None
-    heartbeat: float | None = None
+    heartbeat: float | None = 30.0
     max_message_size: int = 1 << 20
     max_connections: int = 1024
+    # Connections still in their opening handshake: a share of max_connections of
+    # their own, so slow handshakes cannot lock everyone else out (limits.HandshakeBudget).
+    max_handshakes: int = 256
     shutdown_grace: float = 10.0
     # Per client address (IPv4, or IPv6 /64), outside Config.limit_exempt: docs/security.md.
     max_connections_per_address: int | None = 64

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import trio
 from websockets.datastructures import Headers
 from websockets.exceptions import (
     HeaderLineTooLong,
@@ -29,6 +28,7 @@ from websockets.typing import Subprotocol
 
 from .channel import ClientChannel
 from .config import Config
+from .logs import escape
 from .netio import PEER_GONE
 
 log = logging.getLogger("trio_bridge.handshake")
@@ -80,8 +80,9 @@ _PARSER_STATUS: dict[type[Exception], int] = {
 
 @dataclass
 class Refusal:
-    """Why a connection ended before the WebSocket opened, for the log."""
+    """Why a connection ended before the WebSocket opened: a metrics label and a log line."""
 
+    kind: str  # "malformed" (answered with ``status``) or "client_gone"
     status: int | None
     reason: str
 
@@ -120,42 +121,47 @@ def refusal_reason(response: Response) -> str:
     return first.removeprefix(prefix).rstrip(".")
 
 
-async def receive_request(
-    channel: ClientChannel, timeout: float, deadline: float | None = None
-) -> Request | Refusal:
-    """Read bytes until websockets has parsed a request, the client gives up, or time runs out.
+async def receive_request(channel: ClientChannel) -> Request | Refusal:
+    """Read bytes until websockets has parsed a request or the client gives up.
 
-    ``deadline`` (Trio time) is when the connection's whole handshake budget of
-    ``timeout`` seconds ends, TLS included; by default ``timeout`` from now.
-    A request that is malformed or too large is answered by websockets itself
-    (400/414/431); its response is flushed here and a :class:`Refusal` returned.
+    The caller bounds the time (the connection's handshake budget, TLS included). A
+    request that is malformed or too large is answered here, 400/414/431 naming the
+    cause, and a :class:`Refusal` returned.
     """
     protocol = channel.protocol
-    if deadline is None:
-        deadline = trio.current_time() + timeout
-    with trio.move_on_at(deadline):
-        while True:
-            try:
-                data = await channel.transport.recv(4096)
-            except PEER_GONE:
-                data = b""
-            if not data:
-                return Refusal(None, "client closed the connection during the handshake")
-            protocol.receive_data(data)
-            events = protocol.events_received()
-            if events:
-                request = events[0]
-                assert isinstance(request, Request)
-                return request
-            if protocol.handshake_exc is not None:
-                await channel.flush()
-                exc = protocol.handshake_exc
-                cause = exc.__cause__
-                detail = f"{exc}: {cause}" if cause else str(exc)
-                status = _PARSER_STATUS.get(type(exc))
-                answered = f"refused with {status}: " if status else ""
-                return Refusal(status, f"{answered}bad HTTP request ({detail})")
-    return Refusal(None, f"handshake not completed within {timeout:g} s")
+    while True:
+        try:
+            data = await channel.transport.recv(4096)
+        except PEER_GONE:
+            data = b""
+        if not data:
+            return Refusal("client_gone", None, "client closed the connection during the handshake")
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        if events:
+            request = events[0]
+            assert isinstance(request, Request)
+            return request
+        if protocol.handshake_exc is not None:
+            return await _refuse_unparsed(channel, protocol.handshake_exc)
+
+
+async def _refuse_unparsed(channel: ClientChannel, exc: Exception) -> Refusal:
+    """Answer a request websockets could not parse, and say why for the log.
+
+    websockets answers only the size limits itself (414/431); for anything else
+    (a request body, a transfer coding, a broken header) it just closes, which leaves
+    a client guessing. Those get 400 with the cause, sent before websockets' EOF.
+    """
+    cause = exc.__cause__
+    detail = escape(f"{exc}: {cause}" if cause else str(exc))
+    status = _PARSER_STATUS.get(type(exc))
+    if status is None:
+        status = http.HTTPStatus.BAD_REQUEST
+        response = plain_response(status, f"Bad HTTP request: {detail}.\n")
+        await channel.send_raw(response.serialize())
+    await channel.flush()
+    return Refusal("malformed", status, f"refused with {status}: bad HTTP request ({detail})")
 
 
 def plain_response(status: http.HTTPStatus, text: str) -> Response:

@@ -7,9 +7,14 @@ other clients from one noisy or hostile address. They are checked right after
 connection costs almost nothing.
 
 An address is an IPv4 address or an IPv6 /64 (one host usually owns a whole /64, so
-per-address IPv6 limits would be trivial to dodge). Unix-socket clients and the
-``limit_exempt`` networks (loopback by default: a reverse proxy on the same host
-would otherwise make every client look like one) are not limited here.
+per-address IPv6 limits would be trivial to dodge). A Unix-socket client is keyed on
+its user id, which the kernel reports (``SO_PEERCRED``): ``uid:N``. The
+``limit_exempt`` networks and ``uid:N`` entries are not limited (loopback by default:
+a reverse proxy on the same host would otherwise make every client look like one;
+exempt a proxy that connects over a Unix socket by its uid).
+
+Connections that have not finished their opening handshake have a budget of their
+own (:class:`HandshakeBudget`), so slow handshakes cannot fill the connection table.
 
 Refusals are answered ``429 Too Many Requests``; the log gets one line per address
 per :data:`LOG_INTERVAL` with a count of the refusals it did not print, so a flood
@@ -23,12 +28,16 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+import trio
+
 from .config import ConfigError
+from .netio import peer_uid
 from .routing import HttpRefusal
 
 if TYPE_CHECKING:
@@ -45,13 +54,30 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse_networks(texts: Iterable[str], flag: str) -> tuple[Network, ...]:
+    """The networks among ``texts``; ``uid:N`` entries (Unix-socket users) are skipped."""
     networks = []
     for text in texts:
+        if text.startswith("uid:"):
+            parse_uid(text, flag)
+            continue
         try:
             networks.append(ipaddress.ip_network(text, strict=False))
         except ValueError:
-            raise ConfigError(f"{flag}: {text!r} is not an address or network (CIDR)") from None
+            raise ConfigError(
+                f"{flag}: {text!r} is not an address, a network (CIDR) or uid:N"
+            ) from None
     return tuple(networks)
+
+
+def parse_uid(text: str, flag: str) -> int:
+    digits = text.removeprefix("uid:")
+    if not digits.isdigit():
+        raise ConfigError(f"{flag}: {text!r}: uid:N takes a numeric user id")
+    return int(digits)
+
+
+def exempt_uids(texts: Iterable[str], flag: str) -> frozenset[int]:
+    return frozenset(parse_uid(text, flag) for text in texts if text.startswith("uid:"))
 
 
 def client_ip(sock: socket.socket) -> str | None:
@@ -133,7 +159,9 @@ class AddressLimiter:
         self.max_per_address = max_per_address
         self.rate = rate
         self.burst = max(1, burst)
+        exempt = tuple(exempt)
         self.exempt = parse_networks(exempt, "--limit-exempt")
+        self.exempt_uids = exempt_uids(exempt, "--limit-exempt")
         self.clock = clock
         self._states: dict[str, _AddressState] = {}
         self._sweep_at = SWEEP_MIN
@@ -154,11 +182,21 @@ class AddressLimiter:
 
     def admit(self, sock: socket.socket, peer: str) -> Admission | HttpRefusal:
         """Count a new connection from ``sock``'s address, or say why it is refused."""
-        return self.admit_address(client_ip(sock) if self.enabled else None, peer)
+        if not self.enabled:
+            return Admission(None, None)
+        uid = peer_uid(sock)
+        if uid is not None:
+            key = None if uid in self.exempt_uids else f"uid:{uid}"
+            return self.admit_key(key, peer)
+        return self.admit_address(client_ip(sock), peer)
 
     def admit_address(self, address: str | None, peer: str) -> Admission | HttpRefusal:
         """:meth:`admit` for a client IP address given as text (None: not limited)."""
         key = address_key(address, self.exempt) if address is not None else None
+        return self.admit_key(key, peer)
+
+    def admit_key(self, key: str | None, peer: str) -> Admission | HttpRefusal:
+        """:meth:`admit` for a counting unit (an address, a /64, a uid; None: not limited)."""
         if key is None:
             return Admission(None, None)
         now = self.clock()
@@ -228,3 +266,72 @@ class AddressLimiter:
     def tracked(self) -> int:
         """How many addresses have state (for tests and diagnostics)."""
         return len(self._states)
+
+
+# -- connections still in their opening handshake ----------------------------------------
+
+
+@dataclass(eq=False)
+class Handshake:
+    """One connection's opening handshake: its time budget and whether it was evicted."""
+
+    timeout: float
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    evicted: bool = False
+
+
+class HandshakeBudget:
+    """A share of the connection table for connections that are still handshaking.
+
+    Slow handshakes (slowloris: a trickle of header bytes, or TLS that never finishes)
+    cost the attacker nothing but a socket. Without a budget of their own they fill
+    ``--max-connections`` and lock out everyone else, even from other addresses. Here:
+
+    - at most ``limit`` connections handshake at once; a new one evicts the oldest
+      (an honest client finishes in milliseconds, so the oldest is the likeliest
+      attacker, and a newcomer always gets its turn);
+    - once half the budget is in use, new handshakes get a quarter of the timeout
+      (at least one second).
+    """
+
+    def __init__(self, limit: int, timeout: float) -> None:
+        self.limit = limit
+        self.full_timeout = timeout
+        self._pending: dict[Handshake, None] = {}  # oldest first
+
+    def timeout(self) -> float:
+        if len(self._pending) < self.limit // 2:
+            return self.full_timeout
+        return min(self.full_timeout, max(1.0, self.full_timeout / 4))
+
+    @contextmanager
+    def enter(self) -> Iterator[Handshake]:
+        """Run the block as one handshake: cancelled at its deadline or when evicted."""
+        handshake = Handshake(self.timeout())
+        handshake.scope.deadline = trio.current_time() + handshake.timeout
+        if len(self._pending) >= self.limit:
+            self.evict_oldest()
+        self._pending[handshake] = None
+        try:
+            with handshake.scope:
+                yield handshake
+        finally:
+            self._pending.pop(handshake, None)
+
+    def leave(self, handshake: Handshake) -> None:
+        """The request has arrived: no more deadline, and no longer evictable."""
+        self._pending.pop(handshake, None)
+        handshake.scope.deadline = math.inf
+
+    def evict_oldest(self) -> bool:
+        """Cancel the oldest handshake in progress; False when there is none."""
+        if not self._pending:
+            return False
+        oldest = next(iter(self._pending))
+        del self._pending[oldest]
+        oldest.evicted = True
+        oldest.scope.cancel()
+        return True
+
+    def __len__(self) -> int:
+        return len(self._pending)

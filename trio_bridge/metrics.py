@@ -226,24 +226,15 @@ HANDSHAKE_FAILURES = (
     "malformed",
     "client_gone",
     "connection_limit",
+    "evicted",
     "target_unavailable",
+    "internal_error",
 )
 
 
 def refusal_kind(refusal: Refusal) -> str:
-    """The ``reason`` label for a connection that ended before a request was parsed.
-
-    :class:`~trio_bridge.handshake.Refusal` carries only a sentence, so this matches
-    the three sentences :func:`~trio_bridge.handshake.receive_request` writes.
-    """
-    if refusal.status is not None:
-        return f"http_{refusal.status}"
-    reason = refusal.reason
-    if reason.startswith("handshake not completed"):
-        return "timeout"
-    if reason.startswith("bad HTTP request"):
-        return "malformed"
-    return "client_gone"
+    """The ``reason`` label for a connection that ended before a request was parsed."""
+    return refusal.kind
 
 
 def close_code_label(code: int | None) -> str:
@@ -373,11 +364,10 @@ class MetricsServer:
         self.address = describe(listener)
         trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
         log.info("metrics on http://%s/metrics", self.address)
-        async with trio_listener, trio.open_nursery() as nursery:
-            task_status.started(self)
-            while True:
-                stream = await trio_listener.accept()
-                nursery.start_soon(self._handle, stream)
+        # Trio's accept loop: out of file descriptors (EMFILE, ENFILE, ...) it logs,
+        # waits and goes on instead of ending the process.
+        task_status.started(self)  # the socket listens already: early scrapes queue
+        await trio.serve_listeners(self._handle, [trio_listener])
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         async with stream:
@@ -392,6 +382,9 @@ class MetricsServer:
                         await stream.send_all(self._answer(request).serialize())
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+            except Exception:
+                # One scrape's failure (a collector's bug) ends that scrape, not the process.
+                log.exception("metrics: answering a scrape failed; the connection is closed")
             finally:
                 self._slots.release()
 

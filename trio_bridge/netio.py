@@ -11,6 +11,7 @@ the others.
 from __future__ import annotations
 
 import socket
+import struct
 
 import trio
 
@@ -75,6 +76,18 @@ async def send_all(sock: socket.socket, data: Bytes, flags: int = 0) -> None:
         view = view[sent:]
 
 
+async def drain_until_eof(sock: socket.socket) -> None:
+    """Read and discard until the peer's EOF (or a reset); callers bound the time."""
+    while True:
+        try:
+            if not sock.recv(65536):
+                return
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+        except OSError:
+            return
+
+
 def close_socket(sock: socket.socket) -> None:
     """Close a socket that a Trio task may be waiting on, waking that task first."""
     if sock.fileno() >= 0:
@@ -92,4 +105,22 @@ def peer_name(sock: socket.socket) -> str:
         return f"{addr[0]}:{addr[1]}"
     if sock.family == socket.AF_INET6:
         return f"[{addr[0]}]:{addr[1]}"
-    return f"unix:{addr}" if addr else "unix"
+    uid = peer_uid(sock)
+    who = f"unix(uid={uid})" if uid is not None else "unix"
+    return f"{who}:{addr}" if addr else who
+
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The user id of a Unix-socket peer, from the kernel (SO_PEERCRED); None elsewhere."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    try:
+        _, uid, _ = _UCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+    except OSError:
+        return None
+    return int(uid)

@@ -14,16 +14,17 @@ the response, connect to the target, answer 101 and hand over to a
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import http
 import logging
+import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 from websockets.http11 import Request, Response
+from websockets.protocol import CONNECTING, OPEN
 
 from . import listeners as listeners_mod
 from .auth import gates_for
@@ -37,10 +38,11 @@ from .handshake import (
     receive_request,
     refusal_reason,
 )
-from .limits import AddressLimiter
+from .limits import AddressLimiter, Handshake, HandshakeBudget
+from .logs import RateLimitedLog
 from .metrics import BridgeMetrics, refusal_kind
-from .netio import Fairness, close_socket, peer_name
-from .observe import ObserverFactory, SessionInfo
+from .netio import Fairness, close_socket, drain_until_eof, peer_name
+from .observe import ObserverFactory, SessionInfo, SessionObserver
 from .routing import (
     HttpRefusal,
     HttpResponder,
@@ -49,9 +51,9 @@ from .routing import (
     is_websocket_upgrade,
     redact_query,
 )
-from .session import INTERNAL_ERROR, Session, SessionStats, new_session_id
+from .session import INTERNAL_ERROR, Session, SessionStats, fit_reason, new_session_id
 from .targets import TargetUnavailable, connect
-from .tls import ServerTls, TargetTls, TlsFailure, client_info, sniff_tls
+from .tls import ServerTls, TargetTls, TlsFailure, client_info, sniff_tls, sniff_tls_now
 from .tokens import resolver_for
 from .transport import SocketTransport, StreamTransport, Transport
 
@@ -61,6 +63,12 @@ log = logging.getLogger("trio_bridge.server")
 TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 IGNORED_ACCEPT_ERRORS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 GOING_AWAY = 1001
+# A refused connection lingers (so its answer is not lost to a reset) this long, and
+# only while fewer than this many do; beyond that it is closed at once.
+REFUSAL_LINGER = 0.25
+MAX_LINGERING_REFUSALS = 64
+# Events a client can repeat at will are logged once, then counted per interval.
+LOG_INTERVAL = 60.0
 
 
 class Bridge:
@@ -97,6 +105,21 @@ class Bridge:
         self.sessions: set[Session] = set()
         self.connections = 0
         self.listen_addresses: list[str] = []
+        limits = config.limits
+        self._handshakes = HandshakeBudget(limits.max_handshakes, limits.handshake_timeout)
+        self._lingering = 0
+        self._refusals = RateLimitedLog(
+            log, lambda key, n, s: f"{n} more connections refused ({key}) in the last {s:g} s"
+        )
+        self._handshake_log = RateLimitedLog(
+            log,
+            lambda key, n, s: f"{n} more handshakes ended ({key}) in the last {s:g} s",
+            level=logging.INFO,
+        )
+        self._target_log = RateLimitedLog(
+            log,
+            lambda key, n, s: f"{n} more sessions could not reach target {key} in the last {s:g} s",
+        )
         self._shutdown_requested = trio.Event()
         self._no_connections = trio.Event()
         self._no_connections.set()
@@ -199,7 +222,11 @@ class Bridge:
                 continue
             except OSError as exc:
                 if exc.errno in TRANSIENT_ACCEPT_ERRORS:
-                    log.error("cannot accept connections: %s; retrying in 100 ms", exc.strerror)
+                    self._refusals.log(
+                        "accept failed",
+                        "cannot accept connections: %s; retrying every 100 ms",
+                        exc.strerror,
+                    )
                     await trio.sleep(0.1)
                     continue
                 if exc.errno in IGNORED_ACCEPT_ERRORS:
@@ -221,106 +248,197 @@ class Bridge:
         await self._handle(sock)
 
     async def _handle(self, sock: socket.socket) -> None:
+        """One accepted connection, from admission to close: the fault boundary.
+
+        Whatever fails while this connection is served (a bug, a plugin, a file system
+        error) ends this connection only: it is logged once with an incident id, the
+        client gets 500 (before the upgrade) or close 1011 (after it), and its socket
+        is closed. Only cancellation and BaseExceptions pass through.
+        """
         peer = peer_name(sock)
         admission = self.address_limits.admit(sock, peer)  # logs its own refusals
         if isinstance(admission, HttpRefusal):
             self.metrics.handshake_failed("address_limit")
-            await self._refuse(sock, peer, admission)
+            await self._refuse(sock, admission)
             return
         limit = self.config.limits.max_connections
-        if self.connections >= limit:
+        if self.connections >= limit and not self._handshakes.evict_oldest():
             admission.release()
             self.metrics.handshake_failed("connection_limit")
-            log.warning("client %s: refused with 503: connection limit (%d) reached", peer, limit)
+            self._refusals.log(
+                "connection_limit",
+                "client %s: refused with 503: connection limit (%d) reached",
+                peer,
+                limit,
+            )
             reason = f"Too many connections: this bridge serves at most {limit}."
-            await self._refuse(sock, peer, HttpRefusal(503, reason))
+            await self._refuse(sock, HttpRefusal(503, reason))
             return
         if self.connections == 0:
             self._no_connections = trio.Event()
         self.connections += 1
-        # One budget for TLS and the HTTP request together, not one for each.
-        deadline = trio.current_time() + self.config.limits.handshake_timeout
+        channel: ClientChannel | None = None
         try:
-            with admission:
-                transport = await self._client_transport(sock, peer, deadline)
+            with admission, self._handshakes.enter() as handshake:
+                # One budget for TLS and the HTTP request together, not one for each.
+                transport = await self._client_transport(sock, peer, handshake)
                 if transport is not None:
-                    try:
-                        await self._serve_connection(transport, peer, deadline)
-                    finally:
-                        await transport.aclose()
+                    channel = ClientChannel(transport, new_protocol(self.config), peer)
+                    await self._serve_connection(channel, handshake)
+            if handshake.scope.cancelled_caught:
+                self._handshake_ended(handshake, peer)
         except (ClientGone, TlsFailure) as exc:
             self.metrics.handshake_failed("client_gone" if isinstance(exc, ClientGone) else "tls")
-            log.info("client %s: connection failed during the handshake: %s", peer, exc)
+            self._handshake_log.log(
+                str(exc), "client %s: connection failed during the handshake: %s", peer, exc
+            )
+        except Exception as exc:
+            await self._internal_error(channel, peer, exc)
         finally:
+            if channel is not None:
+                with trio.CancelScope(shield=True):
+                    await channel.transport.aclose()
             close_socket(sock)
             self.connections -= 1
             if self.connections == 0:
                 self._no_connections.set()
 
+    def _handshake_ended(self, handshake: Handshake, peer: str) -> None:
+        """Log a handshake that ran out of time or was evicted for a newer one."""
+        if handshake.evicted:
+            self.metrics.handshake_failed("evicted")
+            self._handshake_log.log(
+                "evicted",
+                "client %s: handshake not completed, closed to make room for a new "
+                "connection (%d handshakes in progress at most)",
+                peer,
+                self._handshakes.limit,
+            )
+        else:
+            self.metrics.handshake_failed("timeout")
+            self._handshake_log.log(
+                "timeout",
+                "client %s: handshake not completed within %g s",
+                peer,
+                handshake.timeout,
+            )
+
+    async def _internal_error(
+        self, channel: ClientChannel | None, peer: str, exc: Exception
+    ) -> None:
+        """The end of a connection whose handling raised: log it, tell the client, close."""
+        incident = secrets.token_hex(4)
+        log.error(
+            "client %s: internal error (incident %s); this connection is closed, the "
+            "bridge carries on",
+            peer,
+            incident,
+            exc_info=exc,
+        )
+        self.metrics.handshake_failed("internal_error")
+        if channel is None:
+            return
+        protocol = channel.protocol
+        timeout = self.config.limits.close_timeout
+        try:
+            with trio.move_on_after(timeout):
+                if protocol.state is CONNECTING and not channel.eof_sent:
+                    response = plain_response(
+                        http.HTTPStatus.INTERNAL_SERVER_ERROR,
+                        f"Internal error (incident {incident}).\n",
+                    )
+                    await channel.send_raw(response.serialize())
+                elif protocol.state is OPEN:
+                    protocol.send_close(INTERNAL_ERROR, f"internal error (incident {incident})")
+                    await channel.flush()
+                await channel.linger_and_close(timeout)
+        except Exception:
+            # The connection may be what failed; it is closed by the caller anyway.
+            log.debug("client %s: could not report incident %s", peer, incident, exc_info=True)
+
     async def _client_transport(
-        self, sock: socket.socket, peer: str, deadline: float
+        self, sock: socket.socket, peer: str, handshake: Handshake
     ) -> Transport | None:
         """How bytes are read from and written to an accepted client connection.
 
-        With ``--cert``, the first byte (peeked, within the handshake timeout) tells a
+        With ``--cert``, the first byte (peeked, within the handshake budget) tells a
         TLS client from a plain one; None means the connection was answered and closed
-        here (plain client on ``--ssl-only``, nothing sent in time). TLS handshake
-        failures raise :class:`TlsFailure`.
+        here (a plain client where TLS is required, nothing sent in time). TLS
+        handshake failures raise :class:`TlsFailure`.
         """
         if self.tls is None:
             return SocketTransport(sock)
-        timeout = self.config.limits.handshake_timeout
-        with trio.move_on_at(deadline):
-            speaks_tls = await sniff_tls(sock)
-            if speaks_tls:
-                return StreamTransport(await self.tls.handshake(sock))
-            if speaks_tls is None:
-                log.info("client %s: closed the connection before sending anything", peer)
-                return None
-            if not self.tls.ssl_only:
-                return SocketTransport(sock)
-            self.metrics.handshake_failed("plain_on_ssl_only")
+        speaks_tls = await sniff_tls(sock)
+        if speaks_tls:
+            return StreamTransport(await self.tls.handshake(sock))
+        if speaks_tls is None:
+            self.metrics.handshake_failed("client_gone")
+            log.info("client %s: closed the connection before sending anything", peer)
+            return None
+        if not self.tls.requires_tls:
+            return SocketTransport(sock)
+        self.metrics.handshake_failed("plain_on_ssl_only")
+        if self.tls.ssl_only:
             log.warning("client %s: refused with 400: plain connection on --ssl-only", peer)
             reason = "This port accepts only TLS: use wss:// (or https://)."
-            await self._refuse(sock, peer, HttpRefusal(400, reason), plain=True)
-            return None
-        self.metrics.handshake_failed("timeout")
-        log.info("client %s: handshake not completed within %g s", peer, timeout)
+        else:
+            log.warning(
+                "client %s: refused with 400: plain connection where a client certificate "
+                "is required (--verify-client)",
+                peer,
+            )
+            reason = "This port requires TLS with a client certificate: use wss:// (or https://)."
+        await self._refuse(sock, HttpRefusal(400, reason), plain=True)
         return None
 
     async def _refuse(
-        self, sock: socket.socket, peer: str, refusal: HttpRefusal, *, plain: bool = False
+        self, sock: socket.socket, refusal: HttpRefusal, *, plain: bool = False
     ) -> None:
         """Answer a connection refused before its request, in plain HTTP, and close it.
 
-        A TLS client cannot read plain HTTP, and a TLS handshake is exactly the work a
-        refusal must not cost, so with ``--cert`` it is closed without an answer. The
+        A refusal must cost next to nothing, or refusing becomes the attack: the answer
+        is one non-blocking send, and the socket lingers (so the answer is not lost to
+        a reset by unread input) only briefly and only while few others do; beyond
+        that it is closed at once. A TLS client cannot read plain HTTP, and a TLS
+        handshake is exactly the work a refusal must not cost, so with ``--cert`` a
+        connection that has not sent plain HTTP yet is closed without an answer. The
         caller logs why.
         """
-        if self.tls is not None and not plain:
-            with trio.move_on_after(1.0):
-                plain = await sniff_tls(sock) is False
-            if not plain:
-                close_socket(sock)
+        try:
+            if self.tls is not None and not plain and sniff_tls_now(sock) is not False:
                 return
-        response = plain_response(http.HTTPStatus(refusal.status), f"{refusal.reason}\n")
-        for name, value in refusal.headers:
-            response.headers[name] = value
-        channel = ClientChannel(SocketTransport(sock), new_protocol(self.config), peer)
-        with contextlib.suppress(ClientGone):
-            await channel.send_raw(response.serialize())
-        await channel.linger_and_close(1.0)
+            response = plain_response(http.HTTPStatus(refusal.status), f"{refusal.reason}\n")
+            for name, value in refusal.headers:
+                response.headers[name] = value
+            try:
+                sock.send(response.serialize())
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                return
+            if self._lingering >= MAX_LINGERING_REFUSALS:
+                return
+            self._lingering += 1
+            try:
+                with trio.move_on_after(REFUSAL_LINGER):
+                    await drain_until_eof(sock)
+            finally:
+                self._lingering -= 1
+        finally:
+            close_socket(sock)
 
-    async def _serve_connection(self, transport: Transport, peer: str, deadline: float) -> None:
+    async def _serve_connection(self, channel: ClientChannel, handshake: Handshake) -> None:
         config = self.config
         limits = config.limits
-        protocol = new_protocol(config)
-        channel = ClientChannel(transport, protocol, peer)
+        protocol = channel.protocol
+        transport = channel.transport
+        peer = channel.peer
 
-        request = await receive_request(channel, limits.handshake_timeout, deadline)
+        request = await receive_request(channel)
+        self._handshakes.leave(handshake)
         if isinstance(request, Refusal):
             self.metrics.handshake_failed(refusal_kind(request))
-            log.info("client %s: %s", peer, request.reason)
+            key = f"{request.kind} {request.status}"
+            self._handshake_log.log(key, "client %s: %s", peer, request.reason)
             await channel.linger_and_close(limits.close_timeout)
             return
 
@@ -358,37 +476,31 @@ class Bridge:
             self.metrics.handshake_failed("target_unavailable")
             # Accept first so that a browser can show the reason: it never sees HTTP errors.
             protocol.send_response(response)
-            protocol.send_close(INTERNAL_ERROR, str(exc))
+            protocol.send_close(INTERNAL_ERROR, fit_reason(str(exc)))
             await channel.flush()
-            log.warning("session %s: client %s: %s", stats.session_id, peer, exc)
+            self._target_log.log(
+                stats.target, "session %s: client %s: %s", stats.session_id, peer, exc
+            )
             await channel.linger_and_close(limits.close_timeout)
             return
 
-        protocol.send_response(response)
         try:
+            protocol.send_response(response)
             await channel.flush()
         except BaseException:
-            await target.aclose()
+            with trio.CancelScope(shield=True):
+                await target.aclose()
             raise
+        path = self.redact_path(request.path)
         log.debug(
             "session %s opened: client=%s path=%s target=%s subprotocol=%s",
             stats.session_id,
             peer,
-            self.redact_path(request.path),
+            path,
             address,
             protocol.subprotocol,
         )
-        observer = None
-        if self.observers is not None:
-            info = SessionInfo(
-                session_id=stats.session_id,
-                client=peer,
-                target=stats.target,
-                path=self.redact_path(request.path),
-                subprotocol=protocol.subprotocol,
-                started_wall=time.time(),
-            )
-            observer = self.observers.open(info)
+        observer = self._open_observer(stats, path, protocol.subprotocol)
         session = Session(channel, target, config, stats, observer)
         self.sessions.add(session)
         self.metrics.session_opened(stats)
@@ -399,24 +511,69 @@ class Bridge:
             self.metrics.session_closed(stats)
             log.info("%s", stats.summary(), extra=stats.journal_fields())
 
+    def _open_observer(
+        self, stats: SessionStats, path: str, subprotocol: str | None
+    ) -> SessionObserver | None:
+        """The session's recorder, if any; one that fails to start costs the recording only."""
+        if self.observers is None:
+            return None
+        info = SessionInfo(
+            session_id=stats.session_id,
+            client=stats.client,
+            target=stats.target,
+            path=path,
+            subprotocol=subprotocol,
+            started_wall=time.time(),
+        )
+        try:
+            return self.observers.open(info)
+        except Exception:
+            log.exception(
+                "session %s: the recording could not start; the session is relayed unrecorded",
+                stats.session_id,
+            )
+            return None
+
     async def _answer_http(
         self, channel: ClientChannel, request: Request, response: Response
     ) -> None:
-        """Send a non-101 response, log it, and close the connection."""
-        channel.protocol.send_response(response)
-        await channel.flush()
+        """Send a non-101 response, log it, and close the connection.
+
+        A file (:class:`~trio_bridge.web.FileResponse`) follows its headers from the open
+        file in bounded pieces and is closed whatever happens; a client that goes away or
+        takes nothing for ``handshake_timeout`` meanwhile is logged and closed at once
+        (there is nothing left to linger for). What the client wrote is escaped in the log.
+        """
+        from .web import FileResponse, HeadResponse, printable, send_file
+
+        limits = self.config.limits
         status = response.status_code
-        level = logging.INFO if status < 400 else logging.WARNING
+        cause = response.cause if isinstance(response, HeadResponse) else refusal_reason(response)
+        outcome = f": {printable(cause)}" if status >= 400 else ""
+        cut_short = None
+        if isinstance(response, FileResponse):
+            async with channel.write_turn:
+                with response.file as body:
+                    await channel.send_raw(response.serialize(), more=body.size > 0)
+                    cut_short = await send_file(channel.transport, body, limits.handshake_timeout)
+            if cut_short is not None:
+                outcome = f", cut short after {body.sent} of {body.size} bytes: {cut_short}"
+        else:
+            channel.protocol.send_response(response)
+            await channel.flush()
         log.log(
-            level,
+            logging.INFO if status < 400 and cut_short is None else logging.WARNING,
             "client %s: %s %s -> %d%s",
             channel.peer,
-            request.method,
-            self.redact_path(request.path),
+            printable(request.method),
+            printable(self.redact_path(request.path)),
             status,
-            f": {refusal_reason(response)}" if status >= 400 else "",
+            outcome,
         )
-        await channel.linger_and_close(self.config.limits.close_timeout)
+        if cut_short is not None:
+            await channel.transport.aclose()
+            return
+        await channel.linger_and_close(limits.close_timeout)
 
 
 async def serve(

@@ -81,6 +81,12 @@ async def connect(
         raise TargetUnavailable(f"target {target} did not answer within {timeout:g} s") from None
     except OSError as exc:
         raise TargetUnavailable(describe_failure(target, exc)) from exc
+    except UnicodeError:
+        # The resolver's IDNA codec refuses the name (a label over 63 characters, ...):
+        # a name from a token plugin is as unresolvable as one the DNS does not know.
+        raise TargetUnavailable(
+            f"target {target} could not be resolved (not a valid host name)"
+        ) from None
     sock = socket.socket(fileno=trio_sock.detach())
     if isinstance(target, TcpAddress):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

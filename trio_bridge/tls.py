@@ -180,13 +180,22 @@ async def sniff_tls(sock: socket.socket) -> bool | None:
         return head[0] == TLS_HANDSHAKE_RECORD if head else None
 
 
+def sniff_tls_now(sock: socket.socket) -> bool | None:
+    """:func:`sniff_tls` without waiting: None when nothing has arrived yet (or it closed)."""
+    try:
+        head = sock.recv(1, socket.MSG_PEEK)
+    except OSError:
+        return None
+    return head[0] == TLS_HANDSHAKE_RECORD if head else None
+
+
 class ServerTls:
     """The listening side's TLS: sniffing, the handshake, and the current context."""
 
     def __init__(self, settings: TlsSettings) -> None:
         self.settings = settings
         self.context = server_context(settings)
-        plain = "refused (--ssl-only)" if settings.ssl_only else "served on the same port"
+        plain = "refused" if self.requires_tls else "served on the same port"
         log.info("TLS with certificate %s; plain ws:// %s", settings.cert, plain)
 
     @classmethod
@@ -196,6 +205,12 @@ class ServerTls:
     @property
     def ssl_only(self) -> bool:
         return self.settings.ssl_only
+
+    @property
+    def requires_tls(self) -> bool:
+        """Plain ws:// is refused: ``--ssl-only``, or a client certificate is mandatory
+        (a plain connection would bypass the certificate check)."""
+        return self.settings.ssl_only or self.settings.verify_client
 
     def reload(self) -> None:
         """Re-read certificate, key and CA files; raises :class:`ConfigError` and keeps
