@@ -255,6 +255,14 @@ class Bridge:
         client gets 500 (before the upgrade) or close 1011 (after it), and its socket
         is closed. Only cancellation and BaseExceptions pass through.
         """
+        try:
+            await self._admit_and_serve(sock)
+        except Exception as exc:  # raised before a channel existed: nothing to answer
+            await self._internal_error(None, peer_name(sock), exc)
+        finally:
+            close_socket(sock)
+
+    async def _admit_and_serve(self, sock: socket.socket) -> None:
         peer = peer_name(sock)
         admission = self.address_limits.admit(sock, peer)  # logs its own refusals
         if isinstance(admission, HttpRefusal):
