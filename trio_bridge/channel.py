@@ -24,12 +24,18 @@ class ClientGone(Exception):
 class WriteTurn:
     """``async with channel.write_turn:`` holds the write lock, without a scheduler round
     trip when nobody else holds it (``trio.Lock.acquire`` always yields, which costs a
-    wakeup per relayed message)."""
+    wakeup per relayed message).
 
-    __slots__ = ("_lock",)
+    ``torn`` becomes True when a turn ends by an exception (a cancelled or failed
+    write): the client may have part of a frame, so no further frame, not even a
+    close frame, can be framed after it.
+    """
+
+    __slots__ = ("_lock", "torn")
 
     def __init__(self, lock: trio.StrictFIFOLock) -> None:
         self._lock = lock
+        self.torn = False
 
     async def __aenter__(self) -> None:
         if self._lock.locked():
@@ -37,7 +43,9 @@ class WriteTurn:
         else:
             self._lock.acquire_nowait()
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is not None:
+            self.torn = True
         self._lock.release()
 
 

@@ -10,6 +10,10 @@ On plain TCP without compression the bridge splices bulk target data to the clie
 without reading it (:mod:`trio_bridge.zerocopy`). An observer that implements
 :class:`SplicedDataObserver` is shown those bytes in the pipe, to copy with tee(2);
 for any other observer the session relays through Python so ``on_frame`` sees them.
+
+An observer's failure is its own: the first exception it raises is logged with its
+traceback and the observer is detached, seeing no more frames of that session, while
+the relay goes on. ``on_end`` is still called, so it can finish and release its record.
 """
 
 from __future__ import annotations

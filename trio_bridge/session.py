@@ -16,6 +16,12 @@ Memory per session is bounded: each direction holds at most one chunk read from 
 side (``RECV_SIZE``, or one message of ``max_message_size`` inside websockets' parser)
 and reads again only after it has been written to the other side, so a slow reader
 slows down the writer (backpressure both ways). An idle session holds no buffer.
+With permessage-deflate a chunk read from the client can inflate ~1000-fold, so it is
+parsed ``INFLATE_SLICE`` bytes at a time, each slice's messages written to the target
+before the next is parsed (see :meth:`Session._client_to_target`).
+
+A failure stays in its session: an observer that raises is detached (the relay goes
+on), and any other exception in a relay task ends that session only, with 1011.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ import codecs
 import logging
 import secrets
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Literal, cast
 
 import trio
 from websockets.frames import CloseCode, Frame, Opcode
@@ -43,6 +50,13 @@ log = logging.getLogger("trio_bridge.session")
 RECV_SIZE = 256 * 1024
 TRAFFIC_INTERVAL = 10.0
 SMALL_FRAME = 16 * 1024  # up to this payload size, header and payload go out as one write
+# With compression, client data is parsed this many bytes at a time. Deflate expands at
+# most 1032:1, so the messages one slice completes hold at most ~4 MiB, plus the one
+# message (<= max_message_size) that began in an earlier slice: the per-session budget
+# of inflated bytes. The next slice is parsed, and the client read again, only once
+# they are written to the target. A RECV_SIZE read could hold ~260 MiB.
+INFLATE_SLICE = 4 * 1024
+MAX_CLOSE_REASON = 123  # bytes of UTF-8 in a close frame (RFC 6455 5.5: 125 - the code)
 
 NORMAL, GOING_AWAY, ABNORMAL, INTERNAL_ERROR, INVALID_DATA = 1000, 1001, 1006, 1011, 1007
 DATA_OPCODES = (Opcode.BINARY, Opcode.TEXT, Opcode.CONT)
@@ -104,7 +118,10 @@ class Session:
         self.target = target
         self.config = config
         self.stats = stats
+        # Shown every frame; None once it has failed (see observer_failed).
         self.observer = observer
+        # Told of the end even after a failure, so it can finish and release its recording.
+        self._end_observer = observer
         self._close_requested = trio.Event()
         self._requested_close: tuple[int, str] = (NORMAL, "")
         self._pong = trio.Event()
@@ -120,16 +137,15 @@ class Session:
             await self._relay(limits)
         except Exception:
             # A bug must cost this session only, never the bridge and its other sessions.
-            log.exception("session %s: internal error", self.stats.session_id)
+            log.exception("session %s: internal error; ending this session", self.stats.session_id)
             self._record_end(INTERNAL_ERROR, "internal error in the bridge", "bridge")
+            await self._close_after_error(INTERNAL_ERROR, "internal error in the bridge")
         finally:
             await self.target.aclose()
             await self.channel.transport.aclose()
             if self.stats.close_code is None:
                 self._record_end(ABNORMAL, "session cancelled", "bridge")
-            if self.observer is not None:
-                stats = self.stats
-                self.observer.on_end(stats.close_code, stats.close_reason, stats.closed_by)
+            self._observe_end()
 
     async def _relay(self, limits: Limits) -> None:
         async with trio.open_nursery() as nursery:
@@ -158,7 +174,6 @@ class Session:
         protocol = self.protocol
         client = self.channel.transport
         stats = self.stats
-        observer = self.observer
         text_decoder: codecs.IncrementalDecoder | None = None
         invalid_text = False
         try:
@@ -172,50 +187,57 @@ class Session:
                     self._record_end(ABNORMAL, "client vanished without a close frame", "client")
                     self._abort()
                     return
-                protocol.receive_data(data)
-                # After the handshake, websockets only emits frames.
-                for frame in cast(list[Frame], protocol.events_received()):
-                    if observer is not None:
-                        observer.on_frame(Direction.UP, frame)
-                    opcode = frame.opcode
-                    if opcode in DATA_OPCODES:
-                        if opcode is Opcode.TEXT:
-                            text_decoder = codecs.getincrementaldecoder("utf-8")()
-                        if text_decoder is not None:
-                            try:
-                                text_decoder.decode(frame.data, final=frame.fin)
-                            except UnicodeDecodeError as exc:
-                                reason = f"invalid UTF-8 in text message: {exc.reason}"
-                                protocol.fail(INVALID_DATA, reason)
-                                invalid_text = True
-                                break
-                            if frame.fin:
-                                text_decoder = None
-                        payload = frame.data
-                        if payload:
-                            await self._send_to_target(payload)
-                            stats.bytes_up += len(payload)
-                    elif opcode is Opcode.PONG:
-                        self._pong.set()
-                    elif opcode is Opcode.PING and observer is not None:
-                        observer.on_frame(Direction.DOWN, Frame(Opcode.PONG, frame.data))
-                    elif opcode is Opcode.CLOSE and protocol.close_rcvd is not None:
-                        rcvd = protocol.close_rcvd
-                        self._record_end(rcvd.code, rcvd.reason, "client")
-                await self.channel.flush()
-                self._observe_close_sent()
-                if protocol.parser_exc is not None or invalid_text:
-                    # The client broke the protocol: websockets sent the close frame
-                    # (1002/1007/1009) and EOF; don't wait for a polite answer.
-                    sent = protocol.close_sent
-                    code, reason = (sent.code, sent.reason) if sent else (ABNORMAL, "")
-                    self._record_end(code, reason or str(protocol.parser_exc), "bridge")
-                    await self._linger_then_abort()
-                    return
-                if protocol.close_rcvd is not None:
-                    # Closing handshake complete (ours answered, or theirs echoed).
-                    self._abort()
-                    return
+                if protocol.extensions and len(data) > INFLATE_SLICE:
+                    pieces: tuple[bytes, ...] | list[bytes] = [
+                        data[i : i + INFLATE_SLICE] for i in range(0, len(data), INFLATE_SLICE)
+                    ]
+                else:
+                    pieces = (data,)
+                for piece in pieces:
+                    protocol.receive_data(piece)
+                    # After the handshake, websockets only emits frames.
+                    for frame in cast(list[Frame], protocol.events_received()):
+                        if self.observer is not None:
+                            self._observe(Direction.UP, frame)
+                        opcode = frame.opcode
+                        if opcode in DATA_OPCODES:
+                            if opcode is Opcode.TEXT:
+                                text_decoder = codecs.getincrementaldecoder("utf-8")()
+                            if text_decoder is not None:
+                                try:
+                                    text_decoder.decode(frame.data, final=frame.fin)
+                                except UnicodeDecodeError as exc:
+                                    reason = f"invalid UTF-8 in text message: {exc.reason}"
+                                    protocol.fail(INVALID_DATA, fit_reason(reason))
+                                    invalid_text = True
+                                    break
+                                if frame.fin:
+                                    text_decoder = None
+                            payload = frame.data
+                            if payload:
+                                await self._send_to_target(payload)
+                                stats.bytes_up += len(payload)
+                        elif opcode is Opcode.PONG:
+                            self._pong.set()
+                        elif opcode is Opcode.PING and self.observer is not None:
+                            self._observe(Direction.DOWN, Frame(Opcode.PONG, frame.data))
+                        elif opcode is Opcode.CLOSE and protocol.close_rcvd is not None:
+                            rcvd = protocol.close_rcvd
+                            self._record_end(rcvd.code, rcvd.reason, "client")
+                    await self.channel.flush()
+                    self._observe_close_sent()
+                    if protocol.parser_exc is not None or invalid_text:
+                        # The client broke the protocol: websockets sent the close frame
+                        # (1002/1007/1009) and EOF; don't wait for a polite answer.
+                        sent = protocol.close_sent
+                        code, reason = (sent.code, sent.reason) if sent else (ABNORMAL, "")
+                        self._record_end(code, reason or str(protocol.parser_exc), "bridge")
+                        await self._linger_then_abort()
+                        return
+                    if protocol.close_rcvd is not None:
+                        # Closing handshake complete (ours answered, or theirs echoed).
+                        self._abort()
+                        return
         except ClientGone as exc:
             self._record_end(ABNORMAL, f"client connection failed: {exc}", "client")
             self._abort()
@@ -253,7 +275,7 @@ class Session:
         if not data or protocol.state is not OPEN:
             return 0
         if self.observer is not None:
-            self.observer.on_frame(Direction.DOWN, Frame(Opcode.BINARY, data))
+            self._observe(Direction.DOWN, Frame(Opcode.BINARY, data))
         if protocol.extensions:
             protocol.send_binary(data)  # the extension (deflate) transforms the payload
             await self.channel.flush()
@@ -303,7 +325,7 @@ class Session:
         code, reason = self._requested_close
         protocol = self.protocol
         if protocol.state is OPEN:
-            protocol.send_close(code, _fit_reason(reason))
+            protocol.send_close(code, fit_reason(reason))
             self._record_end(code, reason, "bridge")
             self._observe_close_sent()
             try:
@@ -322,7 +344,27 @@ class Session:
             self._close_observed = True
             # An empty close frame (no code: 1005) must stay empty; serialize() refuses 1005.
             payload = b"" if sent.code == CloseCode.NO_STATUS_RCVD else sent.serialize()
-            self.observer.on_frame(Direction.DOWN, Frame(Opcode.CLOSE, payload))
+            self._observe(Direction.DOWN, Frame(Opcode.CLOSE, payload))
+
+    async def _close_after_error(self, code: int, reason: str) -> None:
+        """After the relay tasks stopped on an error: send a close frame if one can still
+        be framed, give the client ``close_timeout`` to read it, and close.
+
+        Not when a write to the client was cut short: the close frame would be read as
+        the rest of that frame's payload.
+        """
+        protocol = self.protocol
+        if protocol.state is not OPEN or self.channel.write_turn.torn:
+            return
+        protocol.send_close(code, fit_reason(reason))
+        self._observe_close_sent()
+        timeout = self.config.limits.close_timeout
+        try:
+            with trio.move_on_after(timeout):
+                await self.channel.flush()
+            await self.channel.linger_and_close(timeout)
+        except (ClientGone, *PEER_GONE):
+            pass
 
     def _end_within_close_timeout(self) -> None:
         assert self._scope is not None
@@ -350,31 +392,105 @@ class Session:
             self.stats.close_reason = reason
             self.stats.closed_by = by
 
+    # -- the observer ----------------------------------------------------------------------
+
+    def _observe(self, direction: Direction, frame: Frame) -> None:
+        """Show ``frame`` to the observer; callers check ``self.observer`` first, so an
+        unobserved session pays no call per frame."""
+        observer = self.observer
+        if observer is not None:
+            try:
+                observer.on_frame(direction, frame)
+            except Exception:
+                self.observer_failed("on_frame")
+
+    def observer_failed(self, hook: str) -> None:
+        """Detach the observer after its first exception, from inside ``except``.
+
+        An observer (the recorder, an operator's plugin) is a side tap: its bug ends its
+        own recording, logged once with the traceback, and the relay goes on.
+        """
+        self.observer = None
+        log.exception(
+            "session %s: the session observer failed in %s; it sees nothing more of this "
+            "session, the relay goes on",
+            self.stats.session_id,
+            hook,
+        )
+
+    def _observe_end(self) -> None:
+        """Tell the observer the session ended, even one detached after a failure: that
+        is when it finishes its recording and releases what it holds."""
+        observer = self._end_observer
+        if observer is None:
+            return
+        stats = self.stats
+        try:
+            observer.on_end(stats.close_code, stats.close_reason, stats.closed_by)
+        except Exception:
+            if self.observer is not None:
+                self.observer_failed("on_end")
+            else:  # its first failure was logged with a traceback already
+                log.warning(
+                    "session %s: the failed session observer also failed in on_end",
+                    stats.session_id,
+                )
+
     # -- timers ------------------------------------------------------------------------
 
     async def _keepalive(self, interval: float) -> None:
-        while True:
-            await trio.sleep(interval)
-            if self.protocol.state is not OPEN:
-                return
-            self._pong = trio.Event()
-            payload = secrets.token_bytes(4)
-            self.protocol.send_ping(payload)
-            if self.observer is not None:
-                self.observer.on_frame(Direction.DOWN, Frame(Opcode.PING, payload))
+        """Ping every ``interval``; no pong within ``interval`` of queueing the ping ends
+        the session.
+
+        The deadline covers writing the ping too: a client that stopped reading leaves
+        the downstream relay blocked in a write, holding the write lock, so the ping
+        would wait forever and the session with it. Such a peer is as dead as a silent one.
+        """
+        reason = f"keepalive: no pong within {interval:g} s"
+        try:
+            while (outcome := await self._ping(interval)) == "pong":
+                pass
+        except ClientGone as exc:
+            self._record_end(ABNORMAL, f"client connection failed: {exc}", "client")
+            self._abort()
+            return
+        if outcome == "closing":
+            return
+        if outcome == "unwritten":
+            # A close frame would queue behind the same unread data: close the TCP
+            # connection without one.
+            why = f"{reason} (the client stopped reading; closed without a close frame)"
+            self._record_end(ABNORMAL, why, "bridge")
+            self._abort()
+            return
+        self.protocol.fail(INTERNAL_ERROR, fit_reason(reason))
+        self._record_end(INTERNAL_ERROR, reason, "bridge")
+        self._observe_close_sent()
+        with trio.move_on_after(self.config.limits.close_timeout), suppress(ClientGone):
             await self.channel.flush()
-            with trio.move_on_after(interval) as waited:
-                await self._pong.wait()
-            if waited.cancelled_caught:
-                self.protocol.fail(INTERNAL_ERROR, f"no pong within {interval:g} s")
-                reason = f"keepalive: no pong within {interval:g} s"
-                self._record_end(INTERNAL_ERROR, reason, "bridge")
-                self._observe_close_sent()
-                with trio.move_on_after(self.config.limits.close_timeout):
-                    await self.channel.flush()
-                # _client_to_target, the only reader, drains until the client's EOF.
-                self._end_within_close_timeout()
-                return
+        # _client_to_target, the only reader, drains until the client's EOF.
+        self._end_within_close_timeout()
+
+    async def _ping(self, interval: float) -> Literal["pong", "silent", "unwritten", "closing"]:
+        """Wait ``interval``, then ping: did the pong come within ``interval``, or was
+        the ping not even written by then?"""
+        await trio.sleep(interval)
+        protocol = self.protocol
+        if protocol.state is not OPEN:
+            return "closing"
+        self._pong = pong = trio.Event()
+        payload = secrets.token_bytes(4)
+        protocol.send_ping(payload)
+        if self.observer is not None:
+            self._observe(Direction.DOWN, Frame(Opcode.PING, payload))
+        written = False
+        with trio.move_on_after(interval):
+            await self.channel.flush()
+            written = True
+            await pong.wait()
+        if pong.is_set():
+            return "pong"
+        return "silent" if written else "unwritten"
 
     async def _idle_watch(self, idle_timeout: float) -> None:
         stats = self.stats
@@ -406,9 +522,16 @@ class Session:
         self.request_close(GOING_AWAY, f"session time limit of {limit:g} s reached")
 
 
-def _fit_reason(reason: str) -> str:
-    """Close reasons are limited to 123 bytes of UTF-8 (RFC 6455 5.5)."""
+def fit_reason(reason: str) -> str:
+    """``reason`` clipped to fit a close frame: 123 bytes of UTF-8 (RFC 6455 5.5).
+
+    websockets' ``send_close`` and ``fail`` raise ``ProtocolError`` on a longer reason,
+    and reasons often quote things of any length (target names, paths, errors), so
+    every close frame the bridge sends passes its reason through here. A clipped reason
+    ends with "..." and never splits a character.
+    """
     encoded = reason.encode()
-    if len(encoded) <= 123:
+    if len(encoded) <= MAX_CLOSE_REASON:
         return reason
-    return encoded[:120].decode("utf-8", "ignore") + "..."
+    # Cutting inside a multi-byte character leaves a partial sequence at the end only.
+    return encoded[: MAX_CLOSE_REASON - 3].decode("utf-8", "ignore") + "..."

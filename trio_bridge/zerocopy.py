@@ -72,7 +72,6 @@ class SpliceDownstream:
         session = self.session
         target = session.target.raw
         assert target is not None
-        observer = cast("SplicedDataObserver | None", session.observer)
         fairness = Fairness()
         pipe: tuple[int, int] | None = None
         holds_data = False
@@ -110,7 +109,7 @@ class SpliceDownstream:
                     session.target_closed()
                     return
                 holds_data = True
-                if not await self._drain(pipe, n, observer):
+                if not await self._drain(pipe, n):
                     return
                 holds_data = False
                 session.stats.bytes_down += n
@@ -122,23 +121,28 @@ class SpliceDownstream:
                 else:
                     PIPES.give_back(pipe)
 
-    async def _drain(
-        self, pipe: tuple[int, int], n: int, observer: SplicedDataObserver | None
-    ) -> bool:
+    async def _drain(self, pipe: tuple[int, int], n: int) -> bool:
         """Write one frame: header from Python, payload from the pipe, under the write lock.
 
         Returns False, sending nothing, once a close frame has gone out: no data frame
         may follow it (RFC 6455 5.5.1). The observer is shown each frame as its sending
-        starts (the pipe's bytes are gone once spliced), as the framed path does.
+        starts (the pipe's bytes are gone once spliced), as the framed path does; if it
+        raises, it is detached and the frame goes out all the same (tee(2) consumes
+        nothing from the pipe).
         """
-        channel = self.session.channel
+        session = self.session
+        channel = session.channel
         client = channel.transport.raw
         assert client is not None
         async with channel.write_turn:
-            if self.session.protocol.state is not OPEN:
+            if session.protocol.state is not OPEN:
                 return False
-            if observer is not None:
-                observer.on_spliced_data(pipe[0], n)
+            if session.observer is not None:
+                observer = cast("SplicedDataObserver", session.observer)
+                try:
+                    observer.on_spliced_data(pipe[0], n)
+                except Exception:
+                    session.observer_failed("on_spliced_data")
             await channel.send_raw(binary_frame_header(n), more=True)
             left = n
             while left:
