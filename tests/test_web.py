@@ -9,6 +9,10 @@ from __future__ import annotations
 import base64
 import email.utils
 import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +27,9 @@ from trio_bridge.addons import Addons
 from trio_bridge.auth import AuthSettings
 from trio_bridge.config import Config, ConfigError, Limits, TcpAddress
 from trio_bridge.server import Bridge
-from trio_bridge.web import FileServer, FirstAnswer, HealthEndpoint, Lookup
+from trio_bridge.web import FileResponse, FileServer, FirstAnswer, HealthEndpoint, Lookup
 
-from .conftest import TcpTarget, loopback_listener
+from .conftest import LogWaiter, TcpTarget, free_port, loopback_listener
 
 SECRET = b"the secret outside the web root\n"
 HELLO = b"hello, files\n"
@@ -39,10 +43,21 @@ class Reply:
     body: bytes
 
 
-async def fetch(port: int, target: str | bytes, method: str = "GET", **headers: str) -> Reply:
-    """One raw HTTP/1.1 request; ``target`` goes on the request line untouched."""
+async def fetch(
+    port: int,
+    target: str | bytes,
+    method: str = "GET",
+    *,
+    fields: Sequence[tuple[str, str]] = (),
+    **headers: str,
+) -> Reply:
+    """One raw HTTP/1.1 request; ``target`` goes on the request line untouched.
+
+    ``fields`` are header lines sent as given, a name repeated if it appears twice.
+    """
     raw_target = target if isinstance(target, bytes) else target.encode("latin-1")
     lines = [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    lines += [f"{name}: {value}" for name, value in fields]
     head = b"%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" % (method.encode(), raw_target)
     request = head + "".join(line + "\r\n" for line in lines).encode("latin-1") + b"\r\n"
     with trio.fail_after(10):
@@ -415,4 +430,172 @@ async def test_the_opened_file_itself_must_be_inside_the_root(web_root: Path) ->
     assert outside.status_code == 404
     assert SECRET not in outside.body
     inside = files._file(str(web_root / "hello.txt"), lookup)
-    assert (inside.status_code, inside.body) == (200, HELLO)
+    assert isinstance(inside, FileResponse)
+    with inside.file as body:
+        assert (inside.status_code, os.pread(body.fd, 100, 0)) == (200, HELLO)
+
+
+# -- requests that once ended the process ------------------------------------------------
+# Each is answered with its own status and a log line naming the cause, and the bridge
+# serves the next request.
+
+
+@pytest.mark.parametrize("header", ["If-None-Match", "If-Modified-Since"])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("path", ["/hello.txt", "/missing", "/docs"])
+async def test_a_repeated_conditional_header_is_a_400_naming_it(
+    web: WebBridge, bridge_log: LogWaiter, header: str, method: str, path: str
+) -> None:
+    value = email.utils.formatdate(0, usegmt=True) if header == "If-Modified-Since" else '"x"'
+    with trio.fail_after(10):
+        reply = await fetch(web.port, path, method, fields=[(header, value), (header, value)])
+        assert reply.status == 400
+        if method == "GET":
+            assert reply.body == f"the {header} header is given 2 times; send it once\n".encode()
+        else:
+            assert reply.body == b""
+        await bridge_log.wait_for(f"{method} {path} -> 400: the {header} header is given 2 times")
+        assert (await fetch(web.port, "/hello.txt")).body == HELLO
+
+
+async def test_a_folder_redirect_percent_encodes_control_characters_in_the_query(
+    web: WebBridge, bridge_log: LogWaiter
+) -> None:
+    with trio.fail_after(10):
+        moved = await fetch(web.port, b"/docs?\x01a=\x1b[31m&b=%20\x7f")
+        assert moved.status == 301
+        assert moved.headers["Location"] == "/docs/?%01a=%1B%5B31m&b=%20%7F"
+        record = await bridge_log.wait_for("-> 301")
+        assert "GET /docs?\\x01a=" in record.getMessage()  # values are redacted in logs
+        assert printable_only(record.getMessage())
+        followed = await fetch(web.port, moved.headers["Location"])
+        assert followed.body == b"<p>docs index</p>\n"
+
+
+def printable_only(text: str | bytes) -> bool:
+    """No C0 control character (but the line ends of an HTTP body) and no DEL."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    return not any((ord(c) < 0x20 and c != "\n") or ord(c) == 0x7F for c in text)
+
+
+async def test_answers_and_logs_quote_the_request_with_control_characters_escaped(
+    start_web: Any, web_root: Path, bridge_log: LogWaiter
+) -> None:
+    (web_root / "plain" / "bell\a.txt").write_text("ding\n")
+    bridge = await start_web(web_root, web_listing=True)
+    with trio.fail_after(10):
+        missing = await fetch(bridge.port, b"/missing\x1b[2J\x01\x7f.txt")
+        assert missing.status == 404
+        assert missing.body == b"/missing\\x1b[2J\\x01\\x7f.txt not found\n"
+        record = await bridge_log.wait_for("-> 404")
+        assert "/missing\\x1b[2J\\x01\\x7f.txt" in record.getMessage()
+        assert printable_only(record.getMessage())
+        method = await fetch(bridge.port, "/hello.txt", method="P\x1bOST")
+        assert method.status == 405
+        assert b"method P\\x1bOST is not allowed" in method.body
+        record = await bridge_log.wait_for("-> 405")
+        assert printable_only(record.getMessage())
+        listing = await fetch(bridge.port, b"/plain/")
+        assert b'<a href="bell%07.txt">bell\\x07.txt</a>' in listing.body
+        assert printable_only(listing.body)
+
+
+@dataclass
+class CliBridge:
+    """A ``trio-bridge`` process (the real command line), its port and its log so far."""
+
+    process: trio.Process
+    port: int
+    output: bytearray
+    _more: trio.Event
+
+    async def read_output(self) -> None:
+        assert self.process.stderr is not None
+        while chunk := await self.process.stderr.receive_some(65536):
+            self.output.extend(chunk)
+            self._more.set()
+            self._more = trio.Event()
+        self._more.set()
+
+    async def wait_for(self, text: bytes) -> None:
+        while text not in self.output:
+            assert self.process.returncode is None or self._more.is_set(), self.output.decode()
+            more = self._more
+            await more.wait()
+            if more is self._more:  # the output ended
+                raise AssertionError(f"trio-bridge exited:\n{self.output.decode()}")
+
+    def rss(self) -> int:
+        """The process's resident memory in bytes (VmRSS)."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        (line,) = [line for line in status.splitlines() if line.startswith("VmRSS:")]
+        return int(line.split()[1]) * 1024
+
+
+StartCli = Callable[..., Awaitable[CliBridge]]
+
+
+@pytest.fixture
+async def start_cli(nursery: trio.Nursery) -> AsyncIterator[StartCli]:
+    """``await start_cli(*options, prefix=[...])``: ``trio-bridge *options PORT`` running,
+    its output read all along (a full pipe would stall it); ended after the test."""
+    processes: list[trio.Process] = []
+
+    async def start(*options: str, prefix: Sequence[str] = ()) -> CliBridge:
+        port = free_port()
+        argv = [*prefix, sys.executable, "-m", "trio_bridge.cli", "--log", "stderr", *options]
+        process = await trio.lowlevel.open_process([*argv, str(port)], stderr=subprocess.PIPE)
+        processes.append(process)
+        bridge = CliBridge(process, port, bytearray(), trio.Event())
+        nursery.start_soon(bridge.read_output)
+        with trio.fail_after(20):
+            await bridge.wait_for(b"listening on")
+        return bridge
+
+    yield start
+    for process in processes:
+        process.terminate()
+        with trio.move_on_after(10):
+            await process.wait()
+        process.kill()
+
+
+def without_file_permission_override() -> list[str]:
+    """A command prefix under which permission bits bind this process: root bypasses them
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so root's child drops those capabilities."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot make a folder unreadable")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", "--bounding-set", caps, "--inh-caps", caps]
+
+
+async def test_an_unreadable_folder_is_a_403_naming_the_cause(
+    start_cli: StartCli, web_root: Path
+) -> None:
+    locked = web_root / "locked"
+    locked.mkdir()
+    (locked / "inside.txt").write_text("x\n")
+    locked.chmod(0)
+    try:
+        bridge = await start_cli(
+            "--web",
+            str(web_root),
+            "--web-listing",
+            "--file-only",
+            prefix=without_file_permission_override(),
+        )
+        with trio.fail_after(20):
+            listing = await fetch(bridge.port, "/locked/")
+            cause = b"/locked/: permission denied: the server cannot list this folder"
+            assert (listing.status, listing.body) == (403, cause + b"\n")
+            await bridge.wait_for(b"GET /locked/ -> 403: " + cause)
+            inside = await fetch(bridge.port, "/locked/inside.txt")
+            assert inside.status == 403
+            assert b"permission denied" in inside.body
+            assert (await fetch(bridge.port, "/hello.txt")).body == HELLO
+            assert bridge.process.returncode is None
+    finally:
+        locked.chmod(0o755)

@@ -12,10 +12,13 @@ backslashes and NUL are refused outright), the resolved path must lie under the 
 and so must the file actually opened, by the kernel's own name for it. Symbolic links
 inside the root work; a link that leads out of it is a 404.
 
-Files are read into memory (websockets' :class:`~websockets.http11.Response` carries
-its body as bytes), so the size served is bounded by ``max_file_size``; noVNC's
-largest file is ~100 KiB. Larger files get 403 naming the limit: put a real web
-server in front for downloads.
+A file's body is never held in memory: :class:`FileServer` answers with a
+:class:`FileResponse` that carries the open file, and the server sends it after the
+headers with :func:`send_file` (sendfile(2) on a plain socket, 64 KiB chunks under TLS),
+so forty slow readers of a large file cost forty descriptors, not forty copies.
+
+Everything a client wrote that an answer quotes back (the path, the method) has its
+control characters escaped (:func:`printable`): an error body is shown to people too.
 """
 
 from __future__ import annotations
@@ -25,20 +28,26 @@ import errno
 import html
 import mimetypes
 import os
+import re
+import socket
 import stat
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
+from types import TracebackType
 
 import trio
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from .config import Address, ConfigError
+from .netio import PEER_GONE, Fairness
 from .routing import ClientInfo, HttpRefusal, HttpResponder, RequestGate
+from .transport import Transport
 
-DEFAULT_MAX_FILE_SIZE = 16 << 20
+#: No limit by default: a file's size costs the bridge no memory (see :func:`send_file`).
+DEFAULT_MAX_FILE_SIZE: int | None = None
 INDEX_FILES = ("index.html", "index.htm")
 SAFE_METHODS = ("GET", "HEAD")
 
@@ -61,6 +70,22 @@ def content_type(name: str) -> str:
     return kind
 
 
+# C0 controls, DEL, C1 controls and the Unicode line separators.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character written as ``\\xNN``: what a client sent
+    may be quoted in a log line or an answer, but must never break a line there or
+    drive the terminal that shows it."""
+    return _CONTROL.sub(_escaped, text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 def http_response(
     status: int,
     body: bytes = b"",
@@ -74,7 +99,8 @@ def http_response(
 
     For HEAD (``head=True``) the headers describe the body (``content_length``, by
     default ``len(body)``) but no body is sent: websockets' serializer writes the
-    headers exactly as given, then ``Response.body``, which is left empty.
+    headers exactly as given, then ``Response.body``, which is left empty (the
+    :class:`HeadResponse` keeps the body's first line for the log).
     A 304 has neither body nor Content-Length (RFC 9110 15.4.5).
     """
     code = HTTPStatus(status)
@@ -93,16 +119,30 @@ def http_response(
             fields["Content-Type"] = content_type
     for name, value in headers:
         fields[name] = value
-    if head or code is HTTPStatus.NOT_MODIFIED:
+    if code is HTTPStatus.NOT_MODIFIED:
         body = b""
+    if head:
+        cause = body.decode("utf-8", "replace").partition("\n")[0] or code.phrase
+        return HeadResponse(code.value, code.phrase, fields, b"", cause=cause)
     return Response(code.value, code.phrase, fields, body)
+
+
+@dataclass
+class HeadResponse(Response):
+    """The answer to a HEAD request: GET's headers, no body. ``cause`` is the first line
+    GET's body would have had, so that the log names why a HEAD was refused too."""
+
+    cause: str = field(default="", kw_only=True)
 
 
 def text_response(
     status: int, text: str, *, headers: Iterable[tuple[str, str]] = (), head: bool = False
 ) -> Response:
-    """A plain-text answer whose first line names the cause (the server logs that line)."""
-    return http_response(status, f"{text}\n".encode(), headers=headers, head=head)
+    """A plain-text answer whose first line names the cause (the server logs that line).
+
+    ``text`` may quote the request, so its control characters are escaped.
+    """
+    return http_response(status, f"{printable(text)}\n".encode(), headers=headers, head=head)
 
 
 def method_not_allowed(method: str) -> Response:
@@ -127,7 +167,11 @@ def split_target(target: str) -> tuple[str, str]:
 # -- the file server -------------------------------------------------------------------
 
 
-class BadPath(Exception):
+class BadRequest(Exception):
+    """The request cannot be answered as asked (400); the message names the cause."""
+
+
+class BadPath(BadRequest):
     """The request target cannot name a file under the root (400)."""
 
 
@@ -151,6 +195,18 @@ def decode_segments(path: str) -> list[str]:
         if name:
             segments.append(name)
     return segments
+
+
+def single_header(headers: Headers, name: str) -> str | None:
+    """The one value of a header that must not repeat, or None when it is absent.
+
+    Two ``If-None-Match`` (or ``If-Modified-Since``) lines leave no right answer to
+    which one counts: the request is refused (400) rather than guessed at.
+    """
+    values = headers.get_all(name)
+    if len(values) > 1:
+        raise BadRequest(f"the {name} header is given {len(values)} times; send it once")
+    return values[0] if values else None
 
 
 @dataclass(frozen=True)
@@ -201,7 +257,7 @@ class FileServer:
         *,
         listing: bool = False,
         gates: Sequence[RequestGate] = (),
-        max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+        max_file_size: int | None = DEFAULT_MAX_FILE_SIZE,
         index_files: Sequence[str] = INDEX_FILES,
     ) -> None:
         real = os.path.realpath(root)
@@ -213,7 +269,7 @@ class FileServer:
         self.gates = list(gates)
         self.max_file_size = max_file_size
         self.index_files = tuple(index_files)
-        # Bounds the files read at once (threads and memory), not the connections.
+        # Bounds the lookups (stat, open) running at once in threads, not the connections.
         self._limiter = trio.CapacityLimiter(8)
 
     async def respond(self, request: Request, client: str) -> Response:
@@ -230,13 +286,16 @@ class FileServer:
             segments = decode_segments(url_path)
         except BadPath as exc:
             return text_response(HTTPStatus.BAD_REQUEST, f"bad path: {exc}", head=head)
-        lookup = Lookup(
-            method=request.method,
-            url_path=url_path,
-            query=query,
-            if_none_match=request.headers.get("If-None-Match"),
-            if_modified_since=request.headers.get("If-Modified-Since"),
-        )
+        try:
+            lookup = Lookup(
+                method=request.method,
+                url_path=url_path,
+                query=query,
+                if_none_match=single_header(request.headers, "If-None-Match"),
+                if_modified_since=single_header(request.headers, "If-Modified-Since"),
+            )
+        except BadRequest as exc:
+            return text_response(HTTPStatus.BAD_REQUEST, str(exc), head=head)
         return await trio.to_thread.run_sync(self._answer, segments, lookup, limiter=self._limiter)
 
     # -- everything below runs in a worker thread: it blocks on the file system ---------
@@ -253,8 +312,8 @@ class FileServer:
             return self._not_found(lookup)
         try:
             st = os.stat(real)
-        except OSError:
-            return self._not_found(lookup)
+        except OSError as exc:
+            return self._unreadable(exc, lookup, "look this path up")
         if stat.S_ISDIR(st.st_mode):
             return self._directory(real, segments, lookup)
         return self._file(real, lookup)
@@ -266,9 +325,11 @@ class FileServer:
         if not lookup.url_path.endswith("/"):
             # Relative links in an index page resolve against the folder only with the slash.
             # The location is rebuilt from the checked segments: echoing the request's own
-            # path could redirect "//host" off-site.
+            # path could redirect "//host" off-site. The query is kept, percent-encoded
+            # where it holds what a header value cannot (control characters).
             path = "".join(f"/{urllib.parse.quote(name)}" for name in segments) + "/"
-            location = path + (f"?{lookup.query}" if lookup.query else "")
+            query = urllib.parse.quote(lookup.query, safe=QUERY_SAFE)
+            location = path + (f"?{query}" if query else "")
             return text_response(
                 HTTPStatus.MOVED_PERMANENTLY,
                 f"moved to {location}",
@@ -287,22 +348,36 @@ class FileServer:
             )
         return self._listing(real, lookup)
 
+    def _unreadable(self, exc: OSError, lookup: Lookup, what: str) -> Response:
+        """403 naming the cause when the service user may not read ``what``; else 404:
+        the answer says no more about the file system than whether access was refused."""
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return text_response(
+                HTTPStatus.FORBIDDEN,
+                f"{lookup.url_path}: permission denied: the server cannot {what}",
+                head=lookup.head,
+            )
+        return self._not_found(lookup)
+
     def _listing(self, real: str, lookup: Lookup) -> Response:
         entries: list[str] = []
-        with os.scandir(real) as scan:
-            for entry in scan:
-                if entry.name.startswith("."):
-                    continue
-                target = os.path.realpath(entry.path)
-                if not self._inside(target):
-                    continue  # a link out of the root is not served, so not listed
-                shown = entry.name + ("/" if os.path.isdir(target) else "")
-                entries.append(shown)
-        title = html.escape(f"Index of {urllib.parse.unquote(lookup.url_path)}")
+        try:
+            with os.scandir(real) as scan:
+                for entry in scan:
+                    if entry.name.startswith(".") or not utf8(entry.name):
+                        continue  # a name that is not UTF-8 cannot be requested
+                    target = os.path.realpath(entry.path)
+                    if not self._inside(target):
+                        continue  # a link out of the root is not served, so not listed
+                    shown = entry.name + ("/" if os.path.isdir(target) else "")
+                    entries.append(shown)
+        except OSError as exc:
+            return self._unreadable(exc, lookup, "list this folder")
+        title = html.escape(printable(f"Index of {urllib.parse.unquote(lookup.url_path)}"))
         items = [] if lookup.url_path == "/" else ['<li><a href="../">../</a></li>']
         for shown in sorted(entries):
             href = urllib.parse.quote(shown)
-            items.append(f'<li><a href="{href}">{html.escape(shown)}</a></li>')
+            items.append(f'<li><a href="{href}">{html.escape(printable(shown))}</a></li>')
         page = (
             f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>\n'
             f"<body><h1>{title}</h1>\n<ul>\n" + "\n".join(items) + "\n</ul></body></html>\n"
@@ -319,11 +394,7 @@ class FileServer:
         try:
             fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EPERM):
-                return text_response(
-                    HTTPStatus.FORBIDDEN, f"{lookup.url_path}: permission denied", head=lookup.head
-                )
-            return self._not_found(lookup)
+            return self._unreadable(exc, lookup, "open this file")
         try:
             st = os.fstat(fd)
             # realpath() and open() are two steps: a folder swapped for a link in between
@@ -339,23 +410,30 @@ class FileServer:
             ]
             if not_modified(lookup, st):
                 return http_response(HTTPStatus.NOT_MODIFIED, headers=validators)
-            if st.st_size > self.max_file_size:
+            if self.max_file_size is not None and st.st_size > self.max_file_size:
                 return text_response(
                     HTTPStatus.FORBIDDEN,
                     f"{lookup.url_path} is larger than the {self.max_file_size}-byte limit "
                     "of this file server",
                     head=lookup.head,
                 )
-            return http_response(
+            response = http_response(
                 HTTPStatus.OK,
-                b"" if lookup.head else read_exactly(fd, st.st_size),
                 content_type=content_type(real),
                 headers=validators,
                 head=lookup.head,
                 content_length=st.st_size,
             )
+            if lookup.head:
+                return response
+            body = FileBody(fd, st.st_size)
+            fd = -1  # the response owns the descriptor now
+            return FileResponse(
+                response.status_code, response.reason_phrase, response.headers, file=body
+            )
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
 
 def opened_path(fd: int) -> str:
@@ -366,18 +444,127 @@ def opened_path(fd: int) -> str:
         return ""
 
 
-def read_exactly(fd: int, size: int) -> bytes:
-    """``size`` bytes of the file: a file that shrinks meanwhile is padded with NULs so
-    the Content-Length already decided stays true (the ETag changes with the file)."""
-    chunks: list[bytes] = []
-    left = size
-    while left > 0:
-        chunk = os.read(fd, min(left, 1 << 20))
+def utf8(name: str) -> bool:
+    """Is this file name valid UTF-8 (os.scandir keeps other bytes as surrogates)?"""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# -- sending a file -----------------------------------------------------------------------
+
+#: What a query may hold as it is in a Location header (RFC 3986 pchar, "/", "?", and "%"
+#: so that what the client already encoded stays as it was); the rest is percent-encoded.
+QUERY_SAFE = "/?:@!$&'()*+,;=%"
+#: Bytes read and encrypted at a time under TLS: the most a transfer holds in memory.
+TLS_CHUNK = 64 << 10
+#: Bytes handed to one sendfile(2) call: bounds how long one call can keep the event loop
+#: (a cold page cache makes the call read the disk).
+SENDFILE_CHUNK = 1 << 20
+
+
+class FileBody:
+    """An open file to send as a response body: its first ``size`` bytes (the size the
+    Content-Length promised when it was opened); ``sent`` counts what went out.
+
+    Closing is idempotent; a body dropped unsent still closes its descriptor when
+    collected, so a response that never reaches :func:`send_file` cannot leak it.
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.sent = 0
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> FileBody:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+@dataclass
+class FileResponse(Response):
+    """A 200 whose body is an open file rather than bytes.
+
+    ``serialize()`` gives the header block alone (``body`` is empty; Content-Length is
+    the file's size); the server writes it, then the body with :func:`send_file`, and
+    closes the file (``with response.file:``) whatever happens to the connection.
+    """
+
+    file: FileBody = field(kw_only=True)
+
+
+async def send_file(transport: Transport, body: FileBody, stall_timeout: float) -> str | None:
+    """Send ``body`` to the client; None once all of it is sent, else why it was cut short.
+
+    Memory does not grow with the file or with the client's pace: on a plain socket the
+    kernel moves page-cache pages to the socket (sendfile(2), nothing in user space);
+    under TLS one 64 KiB chunk at a time is read, encrypted and sent. A client that takes
+    no data for ``stall_timeout`` seconds is given up, so a reader that stops cannot hold
+    a connection and a descriptor for ever. The caller closes ``body``.
+    """
+    try:
+        if transport.raw is not None:
+            return await _sendfile(transport.raw, body, stall_timeout)
+        return await _send_chunks(transport, body, stall_timeout)
+    except PEER_GONE as exc:
+        return f"the client went away ({exc.strerror or exc})"
+
+
+def _stalled(stall_timeout: float) -> str:
+    return f"the client took no data for {stall_timeout:g} s"
+
+
+_SHRANK = "the file shrank while it was sent"
+
+
+async def _sendfile(sock: socket.socket, body: FileBody, stall_timeout: float) -> str | None:
+    fairness = Fairness()
+    while body.sent < body.size:
+        count = min(body.size - body.sent, SENDFILE_CHUNK)
+        try:
+            sent = os.sendfile(sock.fileno(), body.fd, body.sent, count)
+        except BlockingIOError:
+            with trio.move_on_after(stall_timeout) as waiting:
+                await trio.lowlevel.wait_writable(sock)
+            if waiting.cancelled_caught:
+                return _stalled(stall_timeout)
+            fairness.waited()
+            continue
+        if sent == 0:
+            return _SHRANK
+        body.sent += sent
+        await fairness.tick()
+    return None
+
+
+async def _send_chunks(transport: Transport, body: FileBody, stall_timeout: float) -> str | None:
+    while body.sent < body.size:
+        chunk = os.pread(body.fd, min(body.size - body.sent, TLS_CHUNK), body.sent)
         if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks) + bytes(left)
+            return _SHRANK
+        with trio.move_on_after(stall_timeout) as sending:
+            await transport.send_all(chunk)
+        if sending.cancelled_caught:
+            return _stalled(stall_timeout)
+        body.sent += len(chunk)
+    return None
 
 
 # -- health -----------------------------------------------------------------------------
