@@ -1,4 +1,4 @@
-"""Where listening sockets come from when the bridge binds them itself.
+"""Where sockets come from: listeners the bridge binds itself, and the accept loop.
 
 Every listener is a plain, non-blocking stdlib socket in the listening state; the
 server does not care whether it was bound here, inherited from systemd or handed in
@@ -8,13 +8,64 @@ by an embedding program.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import stat
+from collections.abc import Callable
+
+import trio
 
 from .config import Address, StartupError, TcpAddress, UnixAddress
+from .netio import Fairness
 
 BACKLOG = 4096  # the kernel caps this at net.core.somaxconn
+
+# accept() errors that mean "out of resources for now", not "the listener is broken",
+# and those that concern only the connection being accepted (trio's lists).
+OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ONE_CONNECTION_FAILED = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+ACCEPT_RETRY = 0.1  # seconds
+
+
+async def accept_forever(
+    listener: socket.socket,
+    handle: Callable[[socket.socket], None],
+    out_of_resources: Callable[[OSError], None],
+) -> None:
+    """Accept connections until cancelled, handing each (non-blocking) to ``handle``.
+
+    Out of file descriptors or memory, it calls ``out_of_resources`` and retries every
+    :data:`ACCEPT_RETRY` seconds: the process keeps serving its open connections and
+    accepts again once some close. Any other error means the listener itself is broken
+    and is raised.
+
+    Not :func:`trio.serve_listeners`, whose policy this follows: that one logs an ERROR
+    at every retry (ten lines a second while out of descriptors; here the caller rate-
+    limits) and passes through a checkpoint per accepted connection, where this loop
+    accepts a burst with one wakeup and yields every few connections (:class:`Fairness`).
+    """
+    fairness = Fairness()
+    while True:
+        try:
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(listener)
+            fairness.waited()
+            continue
+        except OSError as exc:
+            if exc.errno in OUT_OF_RESOURCES:
+                out_of_resources(exc)
+                await trio.sleep(ACCEPT_RETRY)
+                continue
+            if exc.errno in ONE_CONNECTION_FAILED:
+                continue
+            raise
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        handle(sock)
+        await fairness.tick()
 
 
 class ListenError(StartupError):

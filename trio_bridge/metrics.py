@@ -32,6 +32,8 @@ import trio
 from websockets.http11 import Request, Response
 from websockets.streams import StreamReader
 
+from .logs import RateLimitedLog
+from .netio import close_socket
 from .web import SAFE_METHODS, http_response, method_not_allowed, split_target, text_response
 
 if TYPE_CHECKING:
@@ -358,16 +360,29 @@ class MetricsServer:
         *,
         task_status: trio.TaskStatus[MetricsServer] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        from .listeners import describe
+        from .listeners import accept_forever, describe
 
         listener.setblocking(False)
         self.address = describe(listener)
-        trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
         log.info("metrics on http://%s/metrics", self.address)
-        # Trio's accept loop: out of file descriptors (EMFILE, ENFILE, ...) it logs,
-        # waits and goes on instead of ending the process.
-        task_status.started(self)  # the socket listens already: early scrapes queue
-        await trio.serve_listeners(self._handle, [trio_listener])
+        exhausted = RateLimitedLog(
+            log, lambda key, n, s: f"metrics: {n} more accept failures in the last {s:g} s"
+        )
+
+        def out_of_resources(exc: OSError) -> None:
+            exhausted.log("accept", "metrics: cannot accept scrapes: %s; retrying", exc.strerror)
+
+        try:
+            async with trio.open_nursery() as nursery:
+
+                def handle(sock: socket.socket) -> None:
+                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                    nursery.start_soon(self._handle, stream)
+
+                task_status.started(self)
+                await accept_forever(listener, handle, out_of_resources)
+        finally:
+            close_socket(listener)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         async with stream:

@@ -14,7 +14,6 @@ the response, connect to the target, answer 101 and hand over to a
 
 from __future__ import annotations
 
-import errno
 import http
 import logging
 import secrets
@@ -39,9 +38,10 @@ from .handshake import (
     refusal_reason,
 )
 from .limits import AddressLimiter, Handshake, HandshakeBudget
+from .listeners import ACCEPT_RETRY, accept_forever
 from .logs import RateLimitedLog
 from .metrics import BridgeMetrics, refusal_kind
-from .netio import Fairness, close_socket, drain_until_eof, peer_name
+from .netio import close_socket, drain_until_eof, peer_name
 from .observe import ObserverFactory, SessionInfo, SessionObserver
 from .routing import (
     HttpRefusal,
@@ -59,9 +59,6 @@ from .transport import SocketTransport, StreamTransport, Transport
 
 log = logging.getLogger("trio_bridge.server")
 
-# accept() errors that mean "out of resources for now", not "the listener is broken".
-TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-IGNORED_ACCEPT_ERRORS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 GOING_AWAY = 1001
 # A refused connection lingers (so its answer is not lost to a reset) this long, and
 # only while fewer than this many do; beyond that it is closed at once.
@@ -212,31 +209,18 @@ class Bridge:
                 close_socket(listener)
 
     async def _accept_loop(self, listener: socket.socket, connections: trio.Nursery) -> None:
-        fairness = Fairness()
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(listener)
-                fairness.waited()
-                continue
-            except OSError as exc:
-                if exc.errno in TRANSIENT_ACCEPT_ERRORS:
-                    self._refusals.log(
-                        "accept failed",
-                        "cannot accept connections: %s; retrying every 100 ms",
-                        exc.strerror,
-                    )
-                    await trio.sleep(0.1)
-                    continue
-                if exc.errno in IGNORED_ACCEPT_ERRORS:
-                    continue
-                raise
-            sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        def out_of_resources(exc: OSError) -> None:
+            self._refusals.log(
+                "accept failed",
+                "cannot accept connections: %s; retrying every %g s",
+                exc.strerror,
+                ACCEPT_RETRY,
+            )
+
+        def handle(sock: socket.socket) -> None:
             connections.start_soon(self._handle, sock)
-            await fairness.tick()
+
+        await accept_forever(listener, handle, out_of_resources)
 
     async def serve_connection(self, sock: socket.socket) -> None:
         """Serve one already-accepted connection and return when it ends.
