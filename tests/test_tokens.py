@@ -202,7 +202,7 @@ async def test_jwt_tokens(
     secret = secrets.token_bytes(32)
     key_file = tmp_path / "jwt.key"
     key_file.write_text(base64.urlsafe_b64encode(secret).decode().rstrip("="))  # websockify's form
-    running = await start_bridge(None, tokens=tokens("JWTTokenApi", key_file))
+    running = await start_bridge(None, tokens=tokens("JWTTokenApi", f"hmac:{key_file}"))
     host, port = echo_target.address.host, echo_target.address.port
     now = int(time.time())
 
@@ -264,7 +264,7 @@ def test_jwt_refuses_weak_secrets(tmp_path: Path) -> None:
     key_file = tmp_path / "short.key"
     key_file.write_text(base64.urlsafe_b64encode(b"too short").decode())
     with pytest.raises(ConfigError, match="at least 32"):
-        tokens("JWTTokenApi", key_file)
+        tokens("JWTTokenApi", f"hmac:{key_file}")
 
 
 # -- Unix sockets named by token ---------------------------------------------------------
@@ -364,7 +364,10 @@ def test_redis_source_syntax() -> None:
     assert split_source("h:::pw") == ["h", "", "", "pw"]
     store = RedisTokens("redis.local::3::ns")
     assert (store.address, store.db, store.password, store.namespace) == (
-        TcpAddress("redis.local", 6379), 3, None, "ns:"
+        TcpAddress("redis.local", 6379),
+        3,
+        None,
+        "ns:",
     )
     with pytest.raises(ConfigError, match="numbers"):
         RedisTokens("h:port")

@@ -31,6 +31,7 @@ from websockets.http11 import Request
 
 from .config import ConfigError
 from .routing import ClientInfo, HttpRefusal, RequestGate
+from .tokens.base import describe_failure
 from .tokens.registry import load_plugin
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trio_bridge.auth")
 
-UNAUTHORIZED, FORBIDDEN = 401, 403
+UNAUTHORIZED, FORBIDDEN, INTERNAL_ERROR = 401, 403, 500
 REALM = "trio-bridge"
 
 AUTH_PLUGINS = {
@@ -243,7 +244,7 @@ class ClientCertNames:
         log.info(
             "client %s: client certificate %s is not accepted",
             client.peer,
-            ", ".join(sorted(presented)) or "(none)",
+            ", ".join(repr(name) for name in sorted(presented)) or "(none)",
         )
         raise HttpRefusal(FORBIDDEN, "Client certificate not accepted")
 
@@ -255,17 +256,59 @@ class BlockingAuthPlugin:
     def __init__(self, plugin: Any) -> None:
         self.plugin = plugin
 
-    async def check(self, request: Request, client: ClientInfo) -> None:
+    async def check(self, request: Request, client: ClientInfo) -> object:
+        """None (or True) lets the request through, as :class:`CheckedGate` requires."""
         try:
-            await trio.to_thread.run_sync(self.plugin.authenticate, request.headers, None, None)
+            return await trio.to_thread.run_sync(
+                self.plugin.authenticate, request.headers, None, None
+            )
         except Exception as exc:
             code = getattr(exc, "code", None)
             if not isinstance(code, int):
                 raise
             headers = getattr(exc, "headers", None) or {}
             message = getattr(exc, "msg", None) or "Forbidden"
-            log.info("client %s: refused by %s: %s", client.peer, type(self.plugin).__name__, exc)
+            log.info("client %s: refused by %s: %r", client.peer, type(self.plugin).__name__, exc)
             raise HttpRefusal(code, str(message), list(headers.items())) from None
+
+
+class CheckedGate:
+    """An operator's gate, held to its contract: ``check`` lets a request through by
+    returning None (or True); it refuses by raising :class:`HttpRefusal`.
+
+    Any other answer (False, a string, a tuple) is a plugin bug, and so is any other
+    exception: either way the request is refused with 500, never let through, and one
+    ERROR line names the plugin class and the type -- not the value or the exception's
+    message, which may quote a password.
+    """
+
+    def __init__(self, gate: Any, name: str) -> None:
+        self.gate = gate
+        self.name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute == "gate":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(attribute)
+        return getattr(self.gate, attribute)  # reload() and the like, when it has them
+
+    async def check(self, request: Request, client: ClientInfo) -> None:
+        try:
+            answer = await self.gate.check(request, client)
+        except HttpRefusal:
+            raise
+        except Exception as exc:
+            log.error(
+                "client %s: auth plugin %s raised %s", client.peer, self.name, describe_failure(exc)
+            )
+            raise HttpRefusal(INTERNAL_ERROR, "Internal error while checking the request") from None
+        if answer is not None and answer is not True:
+            log.error(
+                "client %s: auth plugin %s returned a %s, not None; request refused",
+                client.peer,
+                self.name,
+                type(answer).__qualname__,
+            )
+            raise HttpRefusal(INTERNAL_ERROR, "Internal error while checking the request")
 
 
 @dataclass(frozen=True)
@@ -283,11 +326,13 @@ def load_auth_plugin(name: str, source: str | None) -> RequestGate:
     plugin = load_plugin(
         name, source, AUTH_PLUGINS, AUTH_SHORT_NAMES, "websockify.auth_plugins", "--auth-plugin"
     )
+    if isinstance(plugin, BasicAuth | OriginAllowlist | ClientCertNames):
+        return plugin
+    label = f"{type(plugin).__module__}.{type(plugin).__qualname__}"
     if inspect.iscoroutinefunction(getattr(plugin, "check", None)):
-        gate: RequestGate = plugin
-        return gate
+        return CheckedGate(plugin, label)
     if callable(getattr(plugin, "authenticate", None)):
-        return BlockingAuthPlugin(plugin)
+        return CheckedGate(BlockingAuthPlugin(plugin), label)
     raise ConfigError(f"--auth-plugin {name}: the plugin has no async check(request, client)")
 
 

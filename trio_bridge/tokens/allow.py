@@ -11,14 +11,24 @@ Patterns (repeat the flag for several)::
     *.vnc.example.com:5900   a host-name glob (case-insensitive)
     unix:/run/consoles/*     Unix sockets, by path glob
 
-Host names are matched as written in the token data, never resolved: a name pattern
-allows exactly that name, and a network pattern only matches address literals.
+Host names are matched in the form the connection uses (ASCII, IDNA-encoded,
+lower-case; see :func:`~trio_bridge.tokens.base.canonical_host`), never resolved: a name
+pattern allows exactly the names it spells, and a network pattern only matches address
+literals.
+
+Globs have ``*`` (any run of characters) and ``?`` (one character), and neither crosses
+a separator: in a host name ``*`` is within one label (``127.0.0.*`` does not match
+``127.0.0.1.evil.example``), in a path within one folder entry (``/run/vnc/*`` does not
+match ``/run/vnc/sub/x``). Every other character matches itself. A Unix path with a
+``..`` component is never allowed: the kernel resolves ``a/link/..`` through the
+symbolic link, so no text normalisation can say where it leads.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
+import posixpath
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -27,22 +37,37 @@ from ..config import Address, ConfigError, UnixAddress
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def glob_regex(glob: str, separator: str) -> re.Pattern[str]:
+    """``glob`` as a regular expression in which ``*`` and ``?`` never match ``separator``."""
+    other = f"[^{re.escape(separator)}]"
+    parts = [f"{other}*" if c == "*" else other if c == "?" else re.escape(c) for c in glob]
+    return re.compile("".join(parts))
+
+
+def plain_unix_path(path: str) -> str | None:
+    """``path`` without ``.`` components and repeated slashes, or None when it is not
+    absolute or has a ``..`` component (see the module docs)."""
+    if not path.startswith("/") or ".." in path.split("/"):
+        return None
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
 @dataclass(frozen=True)
 class TargetPattern:
     text: str
-    unix_glob: str | None = None
+    unix_glob: re.Pattern[str] | None = None
     network: Network | None = None
-    host_glob: str | None = None
+    host_glob: re.Pattern[str] | None = None
     ports: tuple[int, int] = (0, 65535)
 
     @classmethod
     def parse(cls, text: str) -> TargetPattern:
         flag = f"--allow-target {text!r}"
         if text.startswith("unix:"):
-            glob = text.removeprefix("unix:")
-            if not glob.startswith("/"):
-                raise ConfigError(f"{flag}: a Unix-socket pattern needs an absolute path")
-            return cls(text, unix_glob=glob)
+            glob = plain_unix_path(text.removeprefix("unix:"))
+            if glob is None:
+                raise ConfigError(f"{flag}: a Unix-socket pattern needs an absolute path, no '..'")
+            return cls(text, unix_glob=glob_regex(glob, "/"))
         host, sep, ports = text.rpartition(":")
         if not sep or not host:
             raise ConfigError(f"{flag}: expected HOST:PORTS, [IPv6]:PORTS or unix:PATH")
@@ -54,11 +79,21 @@ class TargetPattern:
         try:
             return cls(text, network=ipaddress.ip_network(host, strict=False), ports=port_range)
         except ValueError:
-            return cls(text, host_glob=host.lower(), ports=port_range)
+            pass
+        if not host.isascii():
+            raise ConfigError(f"{flag}: write internationalised names in their xn-- form")
+        return cls(text, host_glob=glob_regex(host.lower(), "."), ports=port_range)
 
     def allows(self, target: Address) -> bool:
+        """Whether ``target`` (as :func:`~trio_bridge.tokens.base.check_target` returns
+        it: the host canonical) is within this pattern."""
         if isinstance(target, UnixAddress):
-            return self.unix_glob is not None and fnmatch.fnmatchcase(target.path, self.unix_glob)
+            path = plain_unix_path(target.path)
+            return (
+                self.unix_glob is not None
+                and path is not None
+                and bool(self.unix_glob.fullmatch(path))
+            )
         if self.unix_glob is not None or not self.ports[0] <= target.port <= self.ports[1]:
             return False
         if self.network is not None:
@@ -67,7 +102,7 @@ class TargetPattern:
             except ValueError:
                 return False
         assert self.host_glob is not None
-        return fnmatch.fnmatchcase(target.host.lower(), self.host_glob)
+        return bool(self.host_glob.fullmatch(target.host.lower()))
 
 
 def _parse_ports(text: str, flag: str) -> tuple[int, int]:

@@ -20,6 +20,7 @@ must not take every other token down. File reading runs in a worker thread.
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 from pathlib import Path
@@ -27,13 +28,23 @@ from pathlib import Path
 import trio
 
 from ..config import Address, ConfigError
-from .base import is_plain_file_name, parse_target, require_source
+from .base import (
+    TokenStoreError,
+    describe_token,
+    is_plain_file_name,
+    parse_target,
+    require_source,
+)
 
 log = logging.getLogger("trio_bridge.tokens")
 
 LINE = re.compile(r"^(?P<token>[^\s:][^:]*?)\s*:\s+(?P<target>\S.*)$")
 
 Signature = tuple[tuple[str, int, int, int], ...]
+
+MAX_TARGET_FILE = 4096
+# "No file for this token": ENAMETOOLONG for a token longer than a file name may be.
+NO_SUCH_FILE = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP}
 
 
 def _files(source: Path) -> list[Path]:
@@ -148,15 +159,34 @@ class TokenFileName:
             raise ConfigError(f"--token-source {self.source}: TokenFileName needs a directory")
 
     def _read(self, token: str) -> Address | None:
+        """The target in the file named ``token``, None when there is none.
+
+        Log lines name the file by the token's fingerprint (its name is the token) and
+        say what is wrong with it, never its content (a misplaced file may be a secret).
+        """
         path = self.source / token
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return None
+            with path.open("rb") as file:
+                data = file.read(MAX_TARGET_FILE + 1)
+        except OSError as exc:
+            if exc.errno in NO_SUCH_FILE:
+                return None  # also names too long for the file system: no such token
+            raise TokenStoreError(
+                f"TokenFileName {self.source}: the file of token {describe_token(token)} "
+                f"cannot be read: {exc.strerror or type(exc).__name__}"
+            ) from None
         try:
-            return parse_target(text, str(path))
-        except ConfigError as exc:
-            log.error("%s", exc)
+            if len(data) > MAX_TARGET_FILE:
+                raise ConfigError(f"longer than {MAX_TARGET_FILE} bytes")
+            return parse_target(data.decode("utf-8"), "")
+        except (ConfigError, UnicodeDecodeError):
+            log.error(
+                "TokenFileName %s: the file of token %s (%d bytes) does not hold one target: "
+                "host:port with a valid host name, [v6]:port or unix:/path",
+                self.source,
+                describe_token(token),
+                len(data),
+            )
             return None
 
     async def lookup(self, token: str) -> Address | None:

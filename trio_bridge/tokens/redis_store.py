@@ -122,17 +122,26 @@ class RedisTokens:
         return self._parse(value, token)
 
     def _parse(self, value: bytes, token: str) -> Address | None:
+        """The target in a token's value; None, logged, when there is none. The log line
+        says what is wrong, never the value: a key that is not a token may hold a secret."""
         text = value.decode("utf-8", "replace").strip()
-        where = f"Redis value of token {describe_token(token)}"
+        problem = "not host:port, [v6]:port or unix:/path with a valid host name"
         try:
             if text.startswith("{"):
+                problem = 'JSON, but not {"host": "host:port"} with a valid host name'
                 host = json.loads(text).get("host")
                 if not isinstance(host, str):
-                    raise ConfigError(f"{where}: JSON value without a 'host' string")
+                    raise ConfigError("no host")
                 text = host
-            return parse_target(text, where)
-        except (ConfigError, ValueError, AttributeError) as exc:
-            log.error("%s: unusable value: %s", where, exc)
+            return parse_target(text, "")
+        except (ConfigError, ValueError, AttributeError):
+            log.error(
+                "Redis at %s: unusable value for token %s (%d bytes): %s",
+                self.address,
+                describe_token(token),
+                len(value),
+                problem,
+            )
             return None
 
     def reload(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from ..config import Address, ConfigError, TcpAddress, UnixAddress
-from .base import TokenPlugin
+from .base import PluginAnswerError, TokenPlugin
 
 TOKEN_PLUGINS = {
     "TokenFile": "trio_bridge.tokens.files:TokenFile",
@@ -103,13 +103,25 @@ class BlockingTokenPlugin:
         result = await trio.to_thread.run_sync(self.plugin.lookup, token)
         if result is None:
             return None
-        if not isinstance(result, Sequence) or isinstance(result, str) or len(result) != 2:
-            raise TypeError(f"{self}.lookup returned {result!r}, not [host, port]")
+        # Errors name types only: the values may hold the token or a secret.
+        if not isinstance(result, Sequence) or isinstance(result, str | bytes) or len(result) != 2:
+            raise PluginAnswerError(
+                f"returned a {type(result).__qualname__}, not [host, port] or None"
+            )
         host, port = result
+        if not isinstance(host, str):
+            raise PluginAnswerError(
+                f"returned a [{type(host).__qualname__}, ...], not [host, port]"
+            )
         if host == "unix_socket":
             return UnixAddress(str(port))
-        port = int(port.decode() if isinstance(port, bytes) else port)
-        return TcpAddress(str(host), port)
+        try:
+            port = int(port.decode() if isinstance(port, bytes) else port)
+        except (TypeError, ValueError, UnicodeDecodeError):
+            raise PluginAnswerError(
+                "returned [host, port] with a port that is not a number"
+            ) from None
+        return TcpAddress(host, port)
 
     def reload(self) -> None:
         reload = getattr(self.plugin, "reload", None)

@@ -7,7 +7,13 @@ against ``--allow-target``. Every refusal happens before any connection attempt:
 - no token, a malformed one, or one the plugin does not know -> 404;
 - a token the plugin rejects (expired or badly signed JWT) -> 403;
 - a target outside ``--allow-target`` -> 403 (the target goes to the log only);
-- a token store that cannot answer -> 503.
+- a target no connection can be made to (an invalid host name) -> 502;
+- a token store that cannot answer -> 503;
+- a plugin that fails or answers something other than a target (a plugin bug) -> 500.
+
+A token is a password for its target: no log line here holds one (tokens are logged
+as :func:`~.base.describe_token` fingerprints), and :meth:`TokenRouter.redact_path`
+is how the server writes request paths to logs and recordings.
 """
 
 from __future__ import annotations
@@ -19,11 +25,20 @@ from typing import TYPE_CHECKING
 
 from websockets.http11 import Request
 
-from ..config import Address, ConfigError
-from ..routing import HttpRefusal, StaticTarget, TargetResolver
+from ..config import Address, ConfigError, TcpAddress, UnixAddress
+from ..routing import HttpRefusal, StaticTarget, TargetResolver, redact_query
 from .allow import TargetAllowlist
-from .base import TokenPlugin, TokenStoreError, describe_token, token_is_well_formed
-from .registry import load_token_plugin
+from .base import (
+    PluginAnswerError,
+    TokenPlugin,
+    TokenStoreError,
+    UnusableTarget,
+    check_target,
+    describe_failure,
+    describe_token,
+    token_is_well_formed,
+)
+from .registry import BlockingTokenPlugin, load_token_plugin
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -31,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("trio_bridge.tokens")
 
 TOKEN_FROM = ("query", "path", "host")
+INTERNAL_ERROR, BAD_GATEWAY = 500, 502
 NOT_FOUND, FORBIDDEN, UNAVAILABLE = 404, 403, 503
 MAX_QUERY_FIELDS = 64
 
@@ -129,15 +145,62 @@ class TokenRouter:
         if callable(reload):
             reload()
 
+    def redact_path(self, path: str) -> str:
+        """``path`` for logs and recordings: query values, and under ``--token-from path``
+        the last path segment (the token), written ``...``."""
+        if self.token_from != "path":
+            return redact_query(path)
+        before, sep, query = path.partition("#")[0].partition("?")
+        segments = before.split("/")
+        last = max((i for i, segment in enumerate(segments) if segment), default=None)
+        if last is not None:
+            segments[last] = "..."
+        return "/".join(segments) + (redact_query("?" + query) if sep else "")
+
+    def plugin_name(self) -> str:
+        """The plugin's class, as its author knows it (a websockify one, unwrapped)."""
+        plugin = self.plugin.plugin if isinstance(self.plugin, BlockingTokenPlugin) else self.plugin
+        return f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+
     async def resolve(self, request: Request, client: str) -> Address:
         token = extract_token(request, self.token_from)
         try:
-            target = await self.plugin.lookup(token)
+            answer: object = await self.plugin.lookup(token)
+            if answer is None:
+                raise _refuse(NOT_FOUND, "Unknown token")
+            if not isinstance(answer, TcpAddress | UnixAddress):
+                kind = type(answer).__qualname__
+                raise PluginAnswerError(f"returned a {kind}, not a TcpAddress, UnixAddress or None")
+            target = check_target(answer)
+        except HttpRefusal:
+            raise
         except TokenStoreError as exc:
             log.error("client %s: token lookup failed: %s", client, exc)
             raise _refuse(UNAVAILABLE, "Token store unavailable, try again later") from None
-        if target is None:
-            raise _refuse(NOT_FOUND, "Unknown token")
+        except UnusableTarget as exc:
+            log.error(
+                "client %s: token %s names an unusable target: %s",
+                client,
+                describe_token(token),
+                exc,
+            )
+            raise _refuse(BAD_GATEWAY, "The token names an unusable target") from None
+        except PluginAnswerError as exc:
+            log.error(
+                "client %s: token plugin %s %s",
+                client,
+                self.plugin_name(),
+                exc,
+            )
+            raise _refuse(INTERNAL_ERROR, "Internal error while looking the token up") from None
+        except Exception as exc:
+            log.error(
+                "client %s: token plugin %s raised %s",
+                client,
+                self.plugin_name(),
+                describe_failure(exc),
+            )
+            raise _refuse(INTERNAL_ERROR, "Internal error while looking the token up") from None
         if not self.allow.allows(target):
             log.warning(
                 "client %s: token %s names target %s, which no --allow-target pattern allows",
