@@ -15,6 +15,7 @@ certificate applies to new connections while open sessions keep theirs.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .config import Address, ConfigError, TcpAddress
+from .config import Address, ConfigError, StartupError, TcpAddress
 from .routing import ClientInfo
 from .transport import StreamTransport, Transport
 
@@ -45,6 +46,23 @@ TLS_VERSIONS = {
 
 class TlsFailure(Exception):
     """A TLS handshake failed; ``str()`` says why in words, for the log."""
+
+
+class CertificateError(ConfigError, StartupError):
+    """A certificate, key or CA file that cannot be used, named with what to do about it.
+
+    A :class:`StartupError`, so the CLI exits 1 with this one line (the files are read
+    when the bridge starts, not when its arguments are parsed); a :class:`ConfigError`,
+    as a reload (SIGHUP) that meets one keeps the previous files.
+    """
+
+
+class _Passphrase(Exception):
+    """Raised instead of letting OpenSSL prompt on the terminal for a key's passphrase."""
+
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----")
+_PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z]+ )*PRIVATE KEY-----")
 
 
 @dataclass(frozen=True)
@@ -71,7 +89,10 @@ class TlsSettings:
             )
         if self.verify_client and not self.cafile:
             raise ConfigError("--verify-client needs --cafile: the CAs of client certificates")
-        server_context(self)  # fail at start-up, with the file named, not at the first client
+        if self.ciphers:
+            _ciphers_context(self.ciphers)
+        # The files are read by server_context() when the bridge starts (ServerTls):
+        # a bad file is a start-up failure naming it, not one at the first client.
 
 
 @dataclass(frozen=True)
@@ -86,39 +107,83 @@ class TargetTlsSettings:
     server_name: str | None = None
     verify: bool = True
 
-    def __post_init__(self) -> None:
-        _client_context(self, check_hostname=True)
+
+def _file_error(flag: str, path: str, exc: OSError) -> CertificateError:
+    return CertificateError(f"{flag} {path}: cannot read it: {exc.strerror or exc}")
 
 
-def _file_error(flag: str, exc: OSError) -> ConfigError:
-    return ConfigError(f"{flag}: cannot read {exc.filename or 'the file'}: {exc.strerror or exc}")
+def _read(flag: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise _file_error(flag, path, exc) from None
+
+
+def _ciphers_context(ciphers: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.set_ciphers(ciphers)
+    except ssl.SSLError:
+        raise ConfigError(f"--ssl-ciphers: no cipher matches {ciphers!r}") from None
+    return context
+
+
+def _check_pem(settings: TlsSettings) -> None:
+    """Say what is missing from which file: OpenSSL says "PEM lib" for all of it."""
+    cert = _read("--cert", settings.cert)
+    if not _PEM_CERTIFICATE.search(cert):
+        raise CertificateError(
+            f"--cert {settings.cert}: no PEM certificate in this file "
+            "(expected -----BEGIN CERTIFICATE-----)"
+        )
+    flag, path = ("--key", settings.key) if settings.key else ("--cert", settings.cert)
+    key = _read(flag, path) if settings.key else cert
+    if not _PEM_PRIVATE_KEY.search(key):
+        where = "" if settings.key else ", and no --key names one"
+        raise CertificateError(
+            f"{flag} {path}: no PEM private key in this file{where} "
+            "(expected -----BEGIN PRIVATE KEY-----)"
+        )
 
 
 def server_context(settings: TlsSettings) -> ssl.SSLContext:
     """A server context from ``settings``; :class:`ConfigError` naming the file on failure."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = (
+        _ciphers_context(settings.ciphers)
+        if settings.ciphers
+        else ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    )
     context.minimum_version = TLS_VERSIONS[settings.minimum_version]
+    _check_pem(settings)
+    what = f"--cert {settings.cert}" + (f" / --key {settings.key}" if settings.key else "")
+
+    def no_prompt() -> str:
+        raise _Passphrase
+
     try:
-        context.load_cert_chain(settings.cert, settings.key)
+        context.load_cert_chain(settings.cert, settings.key, password=no_prompt)
+    except _Passphrase:
+        raise CertificateError(
+            f"{what}: the private key is encrypted and trio-bridge cannot ask for its "
+            "passphrase (decrypt it: openssl pkey -in KEY -out PLAIN-KEY)"
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise CertificateError(
+                f"{what}: the private key does not match the certificate"
+            ) from None
+        raise CertificateError(f"{what}: unusable certificate or key ({_reason(exc)})") from None
     except OSError as exc:
-        if isinstance(exc, ssl.SSLError):
-            what = f"--cert {settings.cert}" + (f" / --key {settings.key}" if settings.key else "")
-            reason = _reason(exc)
-            raise ConfigError(f"{what}: not a matching certificate and key ({reason})") from None
-        raise _file_error("--cert/--key", exc) from None
-    if settings.ciphers:
-        try:
-            context.set_ciphers(settings.ciphers)
-        except ssl.SSLError:
-            raise ConfigError(f"--ssl-ciphers: no cipher matches {settings.ciphers!r}") from None
+        raise _file_error("--cert/--key", settings.cert, exc) from None
     if settings.cafile:
         try:
             context.load_verify_locations(settings.cafile)
         except ssl.SSLError as exc:
             reason = _reason(exc)
-            raise ConfigError(f"--cafile {settings.cafile}: no usable CA ({reason})") from None
+            raise CertificateError(f"--cafile {settings.cafile}: no usable CA ({reason})") from None
         except OSError as exc:
-            raise _file_error("--cafile", exc) from None
+            raise _file_error("--cafile", settings.cafile, exc) from None
         context.verify_mode = ssl.CERT_REQUIRED if settings.verify_client else ssl.CERT_OPTIONAL
     # Never negotiate h2: the WebSocket handshake here is HTTP/1.1. Renegotiation only
     # lets a client make the server redo expensive work on an established connection.
@@ -131,11 +196,11 @@ def _client_context(settings: TargetTlsSettings, *, check_hostname: bool) -> ssl
     try:
         context = ssl.create_default_context(cafile=settings.cafile)
     except ssl.SSLError as exc:
-        raise ConfigError(
+        raise CertificateError(
             f"--ssl-target-cafile {settings.cafile}: no usable CA ({_reason(exc)})"
         ) from None
     except OSError as exc:
-        raise _file_error("--ssl-target-cafile", exc) from None
+        raise _file_error("--ssl-target-cafile", str(settings.cafile), exc) from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if not settings.verify:
         context.check_hostname = False
