@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trustme
 from websockets.exceptions import ConnectionClosed
 from websockets.trio.client import connect, unix_connect
 
@@ -235,3 +236,122 @@ async def test_options_may_follow_the_positional_addresses(tmp_path: Path) -> No
                 reply += chunk
             await stream.aclose()
     assert reply.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        (signal.SIGINT, signal.SIGINT),
+        (signal.SIGTERM, signal.SIGTERM),
+        (signal.SIGTERM, signal.SIGINT),
+    ],
+    ids=["SIGINT twice", "SIGTERM twice", "SIGTERM then SIGINT"],
+)
+async def test_a_second_signal_ends_the_drain_at_once(
+    echo_target: TcpTarget, first: signal.Signals, second: signal.Signals
+) -> None:
+    """Ctrl-C twice: the second one used to wait in the signal queue for the whole grace
+    (a minute here), then came out as a KeyboardInterrupt traceback with status 130."""
+    port = free_port()
+    with trio.fail_after(20):
+        async with cli("--shutdown-grace", "60", str(port), str(echo_target.address)) as bridge:
+            await bridge.wait_for_line("listening on")
+            async with connect(f"ws://127.0.0.1:{port}/", subprotocols=["binary"]) as ws:
+                await check_echo(ws, b"open")
+                bridge.process.send_signal(first)
+                await bridge.wait_for_line(r"shutting down: 1 connection\(s\) open")
+                await check_echo(ws, b"still relaying while it drains")
+                bridge.process.send_signal(second)
+                with pytest.raises(ConnectionClosed) as info:
+                    await ws.recv()
+            status, lines = await bridge.finish()
+    assert info.value.rcvd is not None
+    assert (info.value.rcvd.code, info.value.rcvd.reason) == (1001, "server shutting down")
+    assert status == 0, lines
+    assert any(f"received {second.name} again" in line for line in lines), lines
+    assert not any("Traceback" in line for line in lines), lines
+
+
+async def test_signals_during_the_shutdown_are_handled_until_the_end(
+    echo_target: TcpTarget, tmp_path: Path
+) -> None:
+    """Signals are handled until the very end, not only until serving stops: one left
+    in the queue would be raised as a KeyboardInterrupt once the bridge has finished."""
+    port = free_port()
+    with trio.fail_after(20):
+        async with cli("--record", str(tmp_path), str(port), str(echo_target.address)) as bridge:
+            await bridge.wait_for_line("listening on")
+            bridge.process.send_signal(signal.SIGINT)
+            await bridge.wait_for_line("received SIGINT")
+            bridge.process.send_signal(signal.SIGINT)
+            bridge.process.send_signal(signal.SIGINT)
+            status, lines = await bridge.finish()
+    assert status == 0, lines
+    assert not any("Traceback" in line for line in lines), lines
+
+
+def _pem_files(folder: Path) -> dict[str, str]:
+    """A certificate, its key, another certificate's key, and a file that is not PEM."""
+    ca = trustme.CA()
+    issued, other = ca.issue_cert("127.0.0.1"), ca.issue_cert("127.0.0.1")
+    files = {
+        "cert": issued.cert_chain_pems[0],
+        "key": issued.private_key_pem,
+        "other-key": other.private_key_pem,
+    }
+    for name, blob in files.items():
+        blob.write_to_path(str(folder / f"{name}.pem"))
+    (folder / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    return {name: str(folder / f"{name}.pem") for name in files} | {
+        "passwd": str(folder / "passwd")
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "not PEM", "no key", "key of another certificate", "key not PEM"],
+)
+async def test_certificate_problems_exit_1_with_one_line_a_person_can_act_on(
+    tmp_path: Path, case: str
+) -> None:
+    """docs/cli.md: a bad certificate is a start-up failure (1), not bad arguments (2);
+    and OpenSSL's "[ssl] pem lib ( ssl.c:3905)" was the only cause given."""
+    pem = _pem_files(tmp_path)
+    missing = str(tmp_path / "nonexistent.pem")
+    args, expected = {
+        "missing": (["--cert", missing], f"--cert {missing}: cannot read it: No such file"),
+        "not PEM": (
+            ["--cert", pem["passwd"]],
+            f"--cert {pem['passwd']}: no PEM certificate in this file "
+            "(expected -----BEGIN CERTIFICATE-----)",
+        ),
+        "no key": (
+            ["--cert", pem["cert"]],
+            f"--cert {pem['cert']}: no PEM private key in this file, and no --key names one",
+        ),
+        "key of another certificate": (
+            ["--cert", pem["cert"], "--key", pem["other-key"]],
+            f"--cert {pem['cert']} / --key {pem['other-key']}: "
+            "the private key does not match the certificate",
+        ),
+        "key not PEM": (
+            ["--cert", pem["cert"], "--key", pem["passwd"]],
+            f"--key {pem['passwd']}: no PEM private key in this file",
+        ),
+    }[case]
+    with trio.fail_after(20):
+        result = await run_cli(*args, str(free_port()), "127.0.0.1:9")
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert stderr.count("\n") == 1 and stderr.startswith(f"trio-bridge: {expected}"), stderr
+
+
+async def test_a_good_certificate_and_key_still_start(tmp_path: Path) -> None:
+    pem = _pem_files(tmp_path)
+    port = free_port()
+    with trio.fail_after(20):
+        async with cli("--cert", pem["cert"], "--key", pem["key"], str(port), "127.0.0.1:9") as b:
+            await b.wait_for_line(rf"listening on 127\.0\.0\.1:{port}\b")
+            b.process.send_signal(signal.SIGTERM)
+            status, lines = await b.finish()
+    assert status == 0, lines

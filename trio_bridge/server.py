@@ -118,12 +118,21 @@ class Bridge:
             lambda key, n, s: f"{n} more sessions could not reach target {key} in the last {s:g} s",
         )
         self._shutdown_requested = trio.Event()
+        self._skip_grace = False
+        self._grace: trio.CancelScope | None = None  # the drain, once it has begun
         self._no_connections = trio.Event()
         self._no_connections.set()
 
-    def request_shutdown(self) -> None:
-        """Stop accepting; let sessions drain for ``shutdown_grace``, then close them with 1001."""
+    def request_shutdown(self, *, now: bool = False) -> None:
+        """Stop accepting; let sessions drain for ``shutdown_grace``, then close them with 1001.
+
+        ``now=True`` (a second SIGTERM/SIGINT) skips the grace, or what is left of it.
+        """
         self._shutdown_requested.set()
+        if now:
+            self._skip_grace = True
+            if self._grace is not None:
+                self._grace.cancel()
 
     def reload_hooks(self) -> list[Callable[[], Awaitable[None]]]:
         """SIGHUP hooks: re-read certificates, token files, keys and credentials.
@@ -179,7 +188,8 @@ class Bridge:
                     self.connections,
                     limits.shutdown_grace,
                 )
-                with trio.move_on_after(limits.shutdown_grace):
+                grace = 0 if self._skip_grace else limits.shutdown_grace
+                with trio.move_on_after(grace) as self._grace:
                     await self._no_connections.wait()
                 for session in list(self.sessions):
                     session.request_close(GOING_AWAY, "server shutting down")
