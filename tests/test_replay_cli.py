@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import codecs
+import errno
+import os
 import re
+import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -192,3 +198,129 @@ async def test_serve_once_replays_to_one_client_and_reports(recording: Path) -> 
     report = rest.decode()
     assert "client message #1 at" in report and "got      binary 26 B 'not what the" in report
     assert report.splitlines()[-1].endswith(": DIFFERENT")
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------------
+
+V1_RECORDING = Path(__file__).parent / "data" / "recording-v1.tbrec"  # down first, then up
+
+
+class Replaying:
+    """A ``trio-bridge-replay`` subprocess, its stdout read up to a line when asked."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.stdout = b""
+
+    async def read_until(self, fragment: bytes) -> bytes:
+        assert self.process.stdout is not None
+        while fragment not in self.stdout:
+            chunk = await self.process.stdout.receive_some()
+            assert chunk, self.stdout
+            self.stdout += chunk
+        return self.stdout
+
+    async def interrupt(self) -> tuple[int, bytes]:
+        """SIGINT, as Ctrl-C sends it; the exit status and everything on stderr."""
+        self.process.send_signal(signal.SIGINT)
+        assert self.process.stdout is not None and self.process.stderr is not None
+        stdout, stderr = self.process.stdout, self.process.stderr
+        chunks: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            for stream in (stdout, stderr):
+                nursery.start_soon(_read_all, stream, chunks if stream is stderr else [])
+        return await self.process.wait(), b"".join(chunks)
+
+
+async def _read_all(stream: trio.abc.ReceiveStream, into: list[bytes]) -> None:
+    async for chunk in stream:
+        into.append(chunk)
+
+
+@asynccontextmanager
+async def replaying(*args: str) -> AsyncIterator[Replaying]:
+    process = await trio.lowlevel.open_process(
+        [*REPLAY, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        yield Replaying(process)
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            for pipe in (process.stdout, process.stderr):
+                assert pipe is not None
+                await pipe.aclose()
+
+
+def assert_interrupted_quietly(status: int, stderr: bytes) -> None:
+    assert status == 130 and stderr == b"", (status, stderr.decode())
+
+
+async def test_ctrl_c_stops_serve_with_130_and_nothing_on_stderr() -> None:
+    """Trio wrapped the KeyboardInterrupt in a group: a traceback and status 1."""
+    with trio.fail_after(20):
+        async with replaying("serve", str(V1_RECORDING), "--listen", "127.0.0.1:0") as run:
+            await run.read_until(b"serving session")
+            assert_interrupted_quietly(*await run.interrupt())
+
+
+async def test_ctrl_c_stops_serve_with_a_client_connected() -> None:
+    with trio.fail_after(20):
+        async with replaying(
+            "serve", str(V1_RECORDING), "--listen", "127.0.0.1:0", "--lockstep"
+        ) as run:
+            banner = await run.read_until(b"\n")
+            url = re.search(rb"on (ws://127\.0\.0\.1:\d+/)", banner)
+            assert url, banner
+            async with connect(url[1].decode(), subprotocols=["binary"]) as ws:
+                await ws.recv()  # the recorded greeting; lockstep now waits for the client
+                assert_interrupted_quietly(*await run.interrupt())
+
+
+async def test_ctrl_c_stops_drive_while_it_waits_for_the_server(nursery: trio.Nursery) -> None:
+    accepted = trio.Event()
+    silent: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        silent.append(stream)  # never answers, never closes
+        accepted.set()
+        await trio.sleep_forever()
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, hold, 0, host="127.0.0.1"))
+    port = listener.socket.getsockname()[1]
+    with trio.fail_after(20):
+        async with replaying(
+            "drive", str(V1_RECORDING), "--target", f"127.0.0.1:{port}", "--timeout", "60"
+        ) as run:
+            await accepted.wait()
+            assert_interrupted_quietly(*await run.interrupt())
+
+
+@pytest.mark.parametrize("command", [["show"], ["export", "--format", "websockify"]])
+async def test_ctrl_c_stops_show_and_export_blocked_on_their_input(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """A FIFO that nothing writes to yet: the command waits in open() or read()."""
+    fifo = tmp_path / "live.tbrec"
+    os.mkfifo(fifo)
+    with trio.fail_after(20):
+        async with replaying(*command, str(fifo)) as run:
+            writer = await _open_writer_once_read(fifo)
+            try:
+                assert_interrupted_quietly(*await run.interrupt())
+            finally:
+                os.close(writer)
+
+
+async def _open_writer_once_read(fifo: Path) -> int:
+    """The FIFO's write end, once the command opened it for reading (ENXIO until then).
+    Polled: another process's open() sends no event."""
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+        await trio.sleep(0.01)

@@ -8,18 +8,20 @@
 
 Exit status, as diff(1): 0 the recording reads completely / the live side matched;
 1 it did not (file cut or damaged, client or server different); 2 trouble (usage, a
-file that is not a recording, a server that cannot be reached). Every error is one
-line on stderr, never a traceback.
+file that is not a recording, a server that cannot be reached); 130 interrupted
+(Ctrl-C, SIGINT), as shells report it. Every error is one line on stderr, never a
+traceback; an interrupt prints nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 import trio
 
@@ -42,6 +44,7 @@ USAGE = """
   %(prog)s export --format websockify FILE [-o OUT]"""
 COMMANDS = ("show", "serve", "drive", "export")
 SAME, DIFFERENT, TROUBLE = 0, 1, 2
+INTERRUPTED = 130  # 128 + SIGINT
 FILE_HELP = "a recording made by trio-bridge --record (*.tbrec)"
 
 
@@ -126,6 +129,48 @@ def _file_size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+T = TypeVar("T")
+
+
+def run_interruptible(function: Callable[[], Awaitable[T]]) -> T:
+    """``trio.run(function)``, with SIGINT cancelling it and then raising a bare
+    :class:`KeyboardInterrupt`.
+
+    Left to Trio, SIGINT raises KeyboardInterrupt inside whichever task runs, and every
+    nursery on its way out wraps it in a BaseExceptionGroup, which ``except
+    KeyboardInterrupt`` never matches: a traceback and status 1. Received as a signal,
+    it cancels the command, which cleans up (sockets, a half-written report) as on any
+    cancellation. ``function``'s own errors are raised as they are, not in a group.
+    """
+    results: list[T] = []
+    errors: list[Exception] = []
+    interrupted = False
+
+    async def until_interrupted() -> None:
+        with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+            async with trio.open_nursery() as nursery:
+
+                async def cancel_on_interrupt() -> None:
+                    nonlocal interrupted
+                    async for _ in interrupts:
+                        interrupted = True
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(cancel_on_interrupt)
+                try:
+                    results.append(await function())
+                except Exception as exc:  # the nursery would wrap it in a group
+                    errors.append(exc)
+                nursery.cancel_scope.cancel()
+
+    trio.run(until_interrupted)
+    if interrupted:
+        raise KeyboardInterrupt
+    if errors:
+        raise errors[0]
+    return results[0]
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -234,7 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await server.serve_listeners(listeners, once=args.once)
 
     try:
-        trio.run(run)
+        run_interruptible(run)
     except OSError as exc:
         raise Trouble(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     if args.once:
@@ -251,7 +296,7 @@ def cmd_drive(args: argparse.Namespace) -> int:
             raise Trouble(str(exc)) from None
     progress = Progress(f"driving {args.file}", _file_size(args.file))
     try:
-        report: DriveReport = trio.run(
+        report: DriveReport = run_interruptible(
             lambda: drive(
                 args.file,
                 target=target,
@@ -298,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             return SAME
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"{PROG}: {where}{exc.strerror or exc}", file=sys.stderr)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # show and export run no event loop: it arrives as raised
+        return INTERRUPTED
     return TROUBLE
 
 
