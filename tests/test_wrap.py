@@ -31,6 +31,7 @@ from trio_bridge.wrap import (
     first_leaf,
     signal_group,
     split_command,
+    stop_process,
 )
 
 from .conftest import LogWaiter, free_port, loopback_listener
@@ -347,10 +348,13 @@ async def test_respawn_backs_off_exponentially(start_wrapped: Start, bridge_log:
         for record in bridge_log.caplog.records
         if record.name == "trio_bridge.wrap" and record.getMessage().startswith("started")
     ]
+    # Each start came at least the announced delay after the one before. (Comparing the
+    # gaps with each other failed now and then on a loaded machine, where starting
+    # ``sh`` alone can take 0.1 s: 0.11, 0.30, 0.43 s.)
     gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
     assert len(gaps) >= 3
-    for earlier, later in itertools.pairwise(gaps):
-        assert later > earlier * 1.4, gaps
+    for gap, delay in zip(gaps, (0.1, 0.2, 0.4), strict=False):
+        assert gap >= delay * 0.99, gaps
 
 
 # -- stopping ----------------------------------------------------------------------------
@@ -385,6 +389,43 @@ async def test_shutdown_stops_the_program_and_its_children(
     assert not alive(child)
     await wait_group_gone(pid)
     assert wrapped.exited is None  # asked to stop: not a program exit
+
+
+async def test_stop_process_returns_once_nothing_of_the_group_runs() -> None:
+    """SIGKILL reaches the whole group at once, but each process ends when it is next
+    scheduled: reaping the program alone left its children running for a moment (seen
+    as test_shutdown_stops_the_program_and_its_children failing now and then). Several
+    rounds, since the window is short: on the 2-core VM about half the rounds caught a
+    child still running right after the program was reaped."""
+    leader = (
+        "import subprocess, sys\n"
+        "print(subprocess.Popen(['sleep', '300']).pid, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    for _ in range(20):
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-c", leader],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            with trio.fail_after(10):
+                assert process.stdout is not None
+                line = b""
+                while not line.endswith(b"\n"):
+                    chunk = await process.stdout.receive_some()
+                    assert chunk, line
+                    line += chunk
+                child = int(line)
+                await stop_process(process, timeout=0)  # straight to SIGKILL
+            assert not alive(process.pid) and not alive(child)
+        finally:
+            signal_group(process.pid, signal.SIGKILL)
+            await process.wait()
+            for pipe in (process.stdin, process.stdout):
+                assert pipe is not None
+                await pipe.aclose()
 
 
 # -- the command line ----------------------------------------------------------------------

@@ -24,8 +24,9 @@ resets once a run lasted 10 s).
 
 The program runs in its own process group; stopping it (bridge shutdown, or after it
 exits, for what it left behind) signals the whole group: SIGTERM, then SIGKILL after
-``stop_timeout``. Its exit is always awaited, so no zombie is left. Its stderr (and,
-in TCP mode, its stdout) goes to the log, line by line, at INFO.
+``stop_timeout``. Its exit is always awaited, so no zombie is left, and so is the end
+of every process in its group: none still runs once the bridge says it stopped. Its
+stderr (and, in TCP mode, its stdout) goes to the log, line by line, at INFO.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ PORT_ENV = "TRIO_BRIDGE_TARGET_PORT"
 LISTEN_STATE = "0A"  # TCP_LISTEN in /proc/net/tcp
 MAX_LOG_LINE = 4096
 OUTPUT_GRACE = 1.0  # seconds to read a stopped program's last output
+GROUP_EXIT_TIMEOUT = 2.0  # seconds for a SIGKILLed process group to be gone
 # A pipe or socket that broke ends that direction of a stdio session, not the supervisor.
 BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -112,11 +114,38 @@ def signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
-async def stop_process(process: trio.Process, timeout: float) -> None:
-    """SIGTERM the program's group, SIGKILL it after ``timeout``, and reap the program.
+def group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs; zombies do not count (they are
+    dead, waiting for a parent or init to reap them)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as file:
+                # After the command's ")": state, ppid, pgrp, ...
+                state, _, pgrp = file.read().rpartition(b")")[2].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == pgid and state not in (b"Z", b"X"):
+            return True
+    return False
 
-    Runs shielded: it is called while the bridge is being cancelled, and leaving early
-    would leave a running program (or a zombie) behind.
+
+async def stop_process(process: trio.Process, timeout: float) -> None:
+    """SIGTERM the program's group, SIGKILL it after ``timeout``, reap the program, and
+    wait (up to ``GROUP_EXIT_TIMEOUT``) until nothing of its group runs.
+
+    The last wait matters: SIGKILL is delivered at once but a process ends when it is
+    next scheduled, so the program's children may still run for a moment after the
+    program was reaped (still holding its port, for a respawn; still alive, to whoever
+    checks). Runs shielded: it is called while the bridge is being cancelled, and
+    leaving early would leave a running program (or a zombie) behind.
     """
     with trio.CancelScope(shield=True):
         if process.returncode is None:
@@ -126,6 +155,16 @@ async def stop_process(process: trio.Process, timeout: float) -> None:
         # Whatever is left in the group (the program, or children it left behind).
         signal_group(process.pid, signal.SIGKILL)
         await process.wait()
+        with trio.move_on_after(GROUP_EXIT_TIMEOUT):
+            # Polled: no event tells when a process that is not our child ends.
+            while group_running(process.pid):  # noqa: ASYNC110
+                await trio.sleep(0.005)
+            return
+        log.warning(
+            "process group %d still runs %g s after SIGKILL (uninterruptible sleep?)",
+            process.pid,
+            GROUP_EXIT_TIMEOUT,
+        )
 
 
 async def log_lines(stream: trio.abc.ReceiveStream, prefix: str) -> None:
