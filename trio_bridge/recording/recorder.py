@@ -20,6 +20,7 @@ for the disk. Finished files are synced and closed by tasks in the recorder's nu
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -71,10 +72,33 @@ def check_folder(folder: Path) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise RecordingFolderError(
-            f"cannot record sessions: folder {folder} is not writable ({exc.strerror or exc})"
-        ) from None
+        reason = exc.strerror or str(exc)
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            problem = f"folder {folder} is not writable ({reason})"
+        else:  # e.g. /proc: ENOENT for a folder that exists, the kernel's way of saying no
+            kind = file_system_type(folder)
+            on = f": it is on a {kind} file system, which does not allow it" if kind else ""
+            problem = f"cannot create files in {folder}{on} ({reason}); choose a folder on a disk"
+        raise RecordingFolderError(f"cannot record sessions: {problem}") from None
     return folder.resolve()
+
+
+def file_system_type(folder: Path) -> str | None:
+    """The type of the file system holding ``folder`` (``proc``, ``sysfs``, ``ext4``...),
+    from the longest mount point above it in /proc/self/mountinfo; None if unknown."""
+    path = str(folder.resolve())
+    best, kind = "", None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields = line.split()
+                mount = fields[4].replace("\\040", " ")
+                inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, kind = mount, fields[fields.index("-") + 1]
+    except (OSError, ValueError, IndexError):
+        return None
+    return kind
 
 
 def default_folder(environ: Mapping[str, str] = os.environ) -> Path:
