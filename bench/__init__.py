@@ -14,5 +14,8 @@ Modules:
   pre-built masked frames, a frame reader that skips payloads without copying);
 - :mod:`bench.scenarios`: bulk throughput and round trips over one session;
 - :mod:`bench.sessions`: many concurrent sessions, on Trio;
+- :mod:`bench.soak`: the soak (``--soak``): thousands of paced echo sessions and a few
+  bulk ones through one trio-bridge for minutes, every byte checked, RSS and
+  descriptors sampled;
 - :mod:`bench.report`: the table, the targets and docs/performance.md.
 """

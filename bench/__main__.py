@@ -1,7 +1,8 @@
 """``python -m bench`` (or ``./dev bench``): run the comparison and print the table.
 
 Raw results go to bench/results/ as JSON (with the proxies' logs); ``--write-docs``
-also rewrites docs/performance.md from this run's figures.
+also rewrites docs/performance.md from this run's figures. ``--soak`` runs the soak
+(:mod:`bench.soak`) instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from bench.procstat import raise_fd_limit
 from bench.proxies import PROXIES, ROOT
 from bench.report import disturbance, filesystem, machine, rows, text_table
 from bench.runner import Options, run
+from bench.soak import add_arguments as add_soak_arguments
+from bench.soak import main as soak
 
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs" / "performance.md"
@@ -84,6 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--write-docs", action="store_true", help=f"rewrite {DOCS.relative_to(ROOT)} from this run"
     )
+    add_soak_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:  # smaller defaults; options given explicitly still win
         parser.set_defaults(**QUICK)
@@ -152,6 +156,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.soak:
+        return soak(args, argv, git_commit())
     if args.from_json:
         document = json.loads(Path(args.from_json).read_text())
     else:
