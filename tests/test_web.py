@@ -29,7 +29,7 @@ from trio_bridge.config import Config, ConfigError, Limits, TcpAddress
 from trio_bridge.server import Bridge
 from trio_bridge.web import FileResponse, FileServer, FirstAnswer, HealthEndpoint, Lookup
 
-from .conftest import LogWaiter, TcpTarget, free_port, loopback_listener
+from .conftest import WS_KEY, LogWaiter, TcpTarget, free_port, loopback_listener
 
 SECRET = b"the secret outside the web root\n"
 HELLO = b"hello, files\n"
@@ -599,3 +599,17 @@ async def test_an_unreadable_folder_is_a_403_naming_the_cause(
             assert bridge.process.returncode is None
     finally:
         locked.chmod(0o755)
+
+
+async def test_a_head_refused_by_the_websocket_handshake_gets_no_body(
+    web: WebBridge, bridge_log: LogWaiter
+) -> None:
+    """Any answer to HEAD is headers only, whoever built it (here websockets' 405)."""
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}
+    with trio.fail_after(10):
+        reply = await fetch(
+            web.port, "/", "HEAD", fields=[*upgrade.items(), ("Sec-WebSocket-Key", WS_KEY)]
+        )
+        assert (reply.status, reply.body) == (405, b"")
+        assert int(reply.headers["Content-Length"]) > 0  # the length a GET's body would have
+        await bridge_log.wait_for("HEAD / -> 405: unsupported HTTP method: HEAD")

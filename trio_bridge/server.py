@@ -561,6 +561,9 @@ class Bridge:
             if cut_short is not None:
                 outcome = f", cut short after {body.sent} of {body.size} bytes: {cut_short}"
         else:
+            if request.method == "HEAD" and response.body:
+                # No content in an answer to HEAD (RFC 9110 9.3.2), whoever built it.
+                response = Response(status, response.reason_phrase, response.headers)
             channel.protocol.send_response(response)
             await channel.flush()
         log.log(
