@@ -39,7 +39,7 @@ from .handshake import (
 )
 from .limits import AddressLimiter, Handshake, HandshakeBudget
 from .listeners import ACCEPT_RETRY, accept_forever
-from .logs import RateLimitedLog
+from .logs import RateLimitedLog, escape
 from .metrics import BridgeMetrics, refusal_kind
 from .netio import close_socket, drain_until_eof, peer_name
 from .observe import ObserverFactory, SessionInfo, SessionObserver
@@ -56,6 +56,7 @@ from .targets import TargetUnavailable, connect
 from .tls import ServerTls, TargetTls, TlsFailure, client_info, sniff_tls, sniff_tls_now
 from .tokens import resolver_for
 from .transport import SocketTransport, StreamTransport, Transport
+from .web import FileResponse, HeadResponse, send_file
 
 log = logging.getLogger("trio_bridge.server")
 
@@ -546,12 +547,10 @@ class Bridge:
         takes nothing for ``handshake_timeout`` meanwhile is logged and closed at once
         (there is nothing left to linger for). What the client wrote is escaped in the log.
         """
-        from .web import FileResponse, HeadResponse, printable, send_file
-
         limits = self.config.limits
         status = response.status_code
         cause = response.cause if isinstance(response, HeadResponse) else refusal_reason(response)
-        outcome = f": {printable(cause)}" if status >= 400 else ""
+        outcome = f": {escape(cause)}" if status >= 400 else ""
         cut_short = None
         if isinstance(response, FileResponse):
             async with channel.write_turn:
@@ -570,8 +569,8 @@ class Bridge:
             logging.INFO if status < 400 and cut_short is None else logging.WARNING,
             "client %s: %s %s -> %d%s",
             channel.peer,
-            printable(request.method),
-            printable(self.redact_path(request.path)),
+            escape(request.method),
+            escape(self.redact_path(request.path)),
             status,
             outcome,
         )

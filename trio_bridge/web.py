@@ -18,7 +18,7 @@ headers with :func:`send_file` (sendfile(2) on a plain socket, 64 KiB chunks und
 so forty slow readers of a large file cost forty descriptors, not forty copies.
 
 Everything a client wrote that an answer quotes back (the path, the method) has its
-control characters escaped (:func:`printable`): an error body is shown to people too.
+control characters escaped (:func:`~trio_bridge.logs.escape`): an error body is shown to people too.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import errno
 import html
 import mimetypes
 import os
-import re
 import socket
 import stat
 import urllib.parse
@@ -42,6 +41,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from .config import Address, ConfigError
+from .logs import escape
 from .netio import PEER_GONE, Fairness
 from .routing import ClientInfo, HttpRefusal, HttpResponder, RequestGate
 from .transport import Transport
@@ -71,21 +71,6 @@ def content_type(name: str) -> str:
 
 
 # C0 controls, DEL, C1 controls and the Unicode line separators.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def printable(text: str) -> str:
-    """``text`` with each control character written as ``\\xNN``: what a client sent
-    may be quoted in a log line or an answer, but must never break a line there or
-    drive the terminal that shows it."""
-    return _CONTROL.sub(_escaped, text)
-
-
-def _escaped(match: re.Match[str]) -> str:
-    code = ord(match[0])
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
 def http_response(
     status: int,
     body: bytes = b"",
@@ -142,7 +127,7 @@ def text_response(
 
     ``text`` may quote the request, so its control characters are escaped.
     """
-    return http_response(status, f"{printable(text)}\n".encode(), headers=headers, head=head)
+    return http_response(status, f"{escape(text)}\n".encode(), headers=headers, head=head)
 
 
 def method_not_allowed(method: str) -> Response:
@@ -373,11 +358,11 @@ class FileServer:
                     entries.append(shown)
         except OSError as exc:
             return self._unreadable(exc, lookup, "list this folder")
-        title = html.escape(printable(f"Index of {urllib.parse.unquote(lookup.url_path)}"))
+        title = html.escape(escape(f"Index of {urllib.parse.unquote(lookup.url_path)}"))
         items = [] if lookup.url_path == "/" else ['<li><a href="../">../</a></li>']
         for shown in sorted(entries):
             href = urllib.parse.quote(shown)
-            items.append(f'<li><a href="{href}">{html.escape(printable(shown))}</a></li>')
+            items.append(f'<li><a href="{href}">{html.escape(escape(shown))}</a></li>')
         page = (
             f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>\n'
             f"<body><h1>{title}</h1>\n<ul>\n" + "\n".join(items) + "\n</ul></body></html>\n"
