@@ -472,7 +472,8 @@ class Harness:
             "closed": f"127.0.0.1:{self.closed_port}",
             "longunix": f"unix:{LONG_UNIX}",
             "idna": f"{IDNA_HOST}:5900",
-            "latin": "ünïcode.example:5900",
+            # A name the resolver answers from /etc/hosts: no test sends a DNS query.
+            "name": f"localhost:{self.closed_port}",
         }
 
     async def _fill_redis(self, address: TcpAddress) -> None:
@@ -507,7 +508,7 @@ class Harness:
         allow = (
             f"127.0.0.1:{good.port}",
             f"127.0.0.1:{self.closed_port}",
-            "*.example:*",
+            "localhost:*",
             "unix:/nonexistent-fuzz/*",
         )
         targets = self.token_targets()
