@@ -512,8 +512,6 @@ def setup_logging(verbose: bool, destination: str = "auto") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         handlers=[handler],
     )
-    # websockets logs every handshake at INFO; the bridge logs its own summary.
-    logging.getLogger("trio_bridge.websocket").setLevel(logging.WARNING)
 
 
 def _leaves(group: BaseExceptionGroup[StartupError]) -> list[StartupError]:

@@ -60,13 +60,20 @@ def select_subprotocol(
     )
 
 
+# websockets' own log: every handshake at INFO (the bridge logs its own summary), and at
+# DEBUG each raw request line and header, tokens and credentials included. It stays at
+# WARNING wherever the bridge runs, embedded or not; a program that wants it can lower it.
+WEBSOCKETS_LOG = logging.getLogger("trio_bridge.websocket")
+WEBSOCKETS_LOG.setLevel(logging.WARNING)
+
+
 def new_protocol(config: Config) -> ServerProtocol:
     extensions = [ServerPerMessageDeflateFactory()] if config.compression else None
     return ServerProtocol(
         select_subprotocol=select_subprotocol,
         extensions=extensions,
         max_size=config.limits.max_message_size,
-        logger=logging.getLogger("trio_bridge.websocket"),
+        logger=WEBSOCKETS_LOG,
     )
 
 
