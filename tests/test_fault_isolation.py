@@ -20,6 +20,7 @@ from websockets.http11 import Request, Response
 from websockets.trio.client import connect, unix_connect
 
 from trio_bridge import Bridge, Config, Limits, TcpAddress, UnixAddress
+from trio_bridge.cli import build_parser, config_from_args
 from trio_bridge.config import Address
 from trio_bridge.limits import HandshakeBudget
 from trio_bridge.logs import EscapeControlCharacters, RateLimitedLog, escape
@@ -370,3 +371,24 @@ async def test_running_out_of_file_descriptors_is_survived(echo_target: TcpTarge
     for what in ("cannot accept connections", "cannot accept scrapes"):
         exhausted = [line for line in lines if what in line]
         assert len(exhausted) == 1, exhausted  # rate-limited: not one line per retry
+
+
+# -- production defaults ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "heartbeat", "idle"),
+    [
+        ([], 30.0, None),
+        (["--heartbeat", "0"], None, None),
+        (["--heartbeat", "5", "--idle-timeout", "600"], 5.0, 600.0),
+        (["--idle-timeout", "0"], 30.0, None),
+    ],
+)
+def test_heartbeat_is_on_by_default_and_0_turns_a_timer_off(
+    args: list[str], heartbeat: float | None, idle: float | None
+) -> None:
+    parsed = build_parser().parse_args([*args, "6080", "127.0.0.1:5900"])
+    limits = config_from_args(parsed).limits
+    assert (limits.heartbeat, limits.idle_timeout) == (heartbeat, idle)
+    assert limits.max_handshakes == 256
