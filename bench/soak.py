@@ -100,6 +100,7 @@ class SoakOptions:
     interval: float = 1.9  # mean seconds between two messages of a small session
     bulk_rate: float = 8.0  # MiB/s per bulk session, each way; 0: unpaced
     seed: int = 1
+    bridge_args: tuple[str, ...] = ()  # more arguments for the bridge (e.g. --heartbeat=0)
 
     @property
     def seconds(self) -> float:
@@ -892,7 +893,8 @@ def run(opts: SoakOptions, command: str, commit: str) -> dict[str, Any]:
 
     def bridge_argv(port: int, target_port: int) -> list[str]:
         exe = BRIDGE_SPEC.argv(port, target_port)[0]
-        return [exe, "--max-connections", max_conn, str(port), f"127.0.0.1:{target_port}"]
+        extra = list(opts.bridge_args)
+        return [exe, "--max-connections", max_conn, *extra, str(port), f"127.0.0.1:{target_port}"]
 
     spec = ProxySpec("trio-bridge", bridge_argv, package="trio_bridge")
     _log(f"soak: {describe(opts)}")
@@ -984,6 +986,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             flag, type=kind, default=default, metavar=metavar, help=f"{text} ({default:g})"
         )
     group.add_argument(
+        "--soak-bridge-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for the bridge, e.g. --soak-bridge-arg=--heartbeat=0 (repeatable)",
+    )
+    group.add_argument(
         "--soak-markdown",
         action="store_true",
         help="print the tables as Markdown (with --from-json PATH: a saved soak, no new run)",
@@ -997,6 +1006,7 @@ def main(args: argparse.Namespace, argv: list[str] | None, commit: str) -> int:
         bulk=args.soak_bulk,
         interval=args.soak_interval,
         bulk_rate=args.soak_bulk_rate,
+        bridge_args=tuple(args.soak_bridge_arg),
     )
     # What ./dev bench runs after its set-up, too.
     command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
