@@ -8,6 +8,7 @@ still serving afterwards.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import subprocess
@@ -24,6 +25,7 @@ from trio_bridge.cli import build_parser, config_from_args
 from trio_bridge.config import Address
 from trio_bridge.limits import HandshakeBudget
 from trio_bridge.logs import EscapeControlCharacters, RateLimitedLog, escape
+from trio_bridge.observe import SessionInfo, SessionObserver
 
 from .conftest import (
     BridgeStarter,
@@ -106,6 +108,25 @@ async def test_an_http_responder_that_raises_costs_its_client_a_500_only(
                 data, _ = await read_all(stream)
             assert parse_response(data).status_code == 500
     assert len(incident_records(caplog)) == 1
+
+
+class RecorderThatCannotOpen:
+    """An observer factory failing as a recorder does on a broken disk."""
+
+    def open(self, info: SessionInfo) -> SessionObserver | None:
+        raise OSError(errno.EIO, "Input/output error", "/var/lib/trio-bridge/x.tbrec")
+
+
+async def test_a_recording_that_cannot_start_costs_the_recording_only(
+    nursery: trio.Nursery, echo_target: TcpTarget, bridge_log: LogWaiter
+) -> None:
+    bridge = Bridge(Config(target=echo_target.address), observers=RecorderThatCannotOpen())
+    running = await start(nursery, bridge)
+    with trio.fail_after(10):
+        async with connect(running.url) as ws:
+            await check_echo(ws, b"relayed unrecorded")
+        record = await bridge_log.wait_for("the recording could not start")
+    assert record.exc_info is not None
 
 
 async def test_an_over_long_close_reason_is_clipped_not_fatal(
