@@ -131,6 +131,35 @@ async def test_serve_keeps_the_recorded_timing_scaled_by_speed(
     assert report.ok, report.lines()
 
 
+async def test_serve_sends_a_fragmented_message_then_the_recorded_close(
+    tmp_path: Path, start_replay_server: StartReplay
+) -> None:
+    """A text message in two frames (a character split between them), then a close right
+    after: websockets refuses a close in the middle of a message (1011), so the player
+    waits until the message has gone."""
+    path = tmp_path / "fragmented.tbrec"
+    file = RecordingFile(path)
+    meta = Meta("7157ed01", "c:1", "t:2", "/", None, 0.0)
+    file.append(
+        [
+            (Kind.META, 0, 0, meta.encode()),
+            (Kind.TEXT, 0x02, 1_000, b"caf\xc3"),
+            (Kind.CONT, 0x03, 2_000, b"\xa9 ok"),
+            (Kind.CLOSE, 0x03, 3_000, (4000).to_bytes(2, "big") + b"done"),
+        ]
+    )
+    file.close(sync=False)
+    server = await start_replay_server(path, delay=False)
+    with trio.fail_after(10):
+        async with connect(server.url) as ws:
+            assert await ws.recv() == "caf\u00e9 ok"
+            await ws.wait_closed()
+        assert ws.close_code == 4000 and ws.close_reason == "done"
+        (report,) = await server.wait_reports(1)
+    assert report.ok, report.lines()
+    assert report.sent_frames == 3
+
+
 # -- drive -----------------------------------------------------------------------------------
 
 

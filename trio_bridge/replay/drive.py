@@ -21,16 +21,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import trio
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.trio.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 from ..config import TcpAddress
 from ..observe import Direction
 from ..recording import FrameRecord, GapRecord, Kind, open_recording
 from .preview import hexdump
-from .wsio import HandshakeFailed, WsEndpoint, close_payload, connect
+from .wsio import FrameSender, close_payload
 
 log = logging.getLogger("trio_bridge.replay")
 
@@ -204,53 +209,69 @@ class DriveReport:
         return lines
 
 
-class _Connection:
-    """The live server, over TCP or WebSocket: send recorded client frames, read data."""
+class _CannotConnect(Exception):
+    """The server could not be reached; the message says why, in one line."""
 
-    def __init__(self, ws: WsEndpoint | None, tcp: trio.SocketStream | None) -> None:
-        self.ws = ws
-        self.tcp = tcp
+
+class _TcpConnection:
+    """The TCP service itself: recorded client data goes as raw bytes."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
         self.eof = trio.Event()
-        self.close_got: tuple[int | None, str] | None = None
+        self.close_got: tuple[int | None, str] | None = None  # TCP has no close frame
 
     async def send(self, record: FrameRecord) -> bool:
-        if self.ws is not None:
-            return await self.ws.send(record.kind, record.payload, record.fin)
-        assert self.tcp is not None
-        if record.kind is Kind.CLOSE:
-            await self.tcp.send_eof()
-        elif record.is_data and record.payload:
-            try:
-                await self.tcp.send_all(record.payload)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return False
+        try:
+            if record.kind is Kind.CLOSE:
+                await self.stream.send_eof()
+            elif record.is_data and record.payload:
+                await self.stream.send_all(record.payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
         return True
 
     async def receive_into(self, comparison: StreamComparison) -> None:
         try:
-            if self.ws is not None:
-                while (frame := await self.ws.receive()) is not None:
-                    if frame.opcode.value in (Kind.TEXT, Kind.BINARY, Kind.CONT):
-                        comparison.feed(bytes(frame.data))
-                self.close_got = self.ws.close_received()
-            else:
-                assert self.tcp is not None
-                while True:
-                    try:
-                        data = await self.tcp.receive_some(65536)
-                    except trio.BrokenResourceError:
-                        data = b""
-                    if not data:
-                        break
-                    comparison.feed(data)
+            while True:
+                try:
+                    data = await self.stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    data = b""
+                if not data:
+                    break
+                comparison.feed(data)
         finally:
             self.eof.set()
 
-    async def aclose(self) -> None:
-        if self.ws is not None:
-            await self.ws.aclose()
-        elif self.tcp is not None:
-            await trio.aclose_forcefully(self.tcp)
+
+class _WsConnection:
+    """A WebSocket server or bridge: recorded client frames go as frames."""
+
+    def __init__(self, ws: ClientConnection, nursery: trio.Nursery) -> None:
+        self.ws = ws
+        self.sender = FrameSender(ws, nursery)
+        self.eof = trio.Event()
+        self.close_got: tuple[int | None, str] | None = None
+
+    async def send(self, record: FrameRecord) -> bool:
+        return await self.sender.send(record.kind, record.payload, record.fin)
+
+    async def receive_into(self, comparison: StreamComparison) -> None:
+        """Every data frame as it arrives, until the connection is closed."""
+        try:
+            while True:
+                async for fragment in self.ws.recv_streaming(decode=False):
+                    comparison.feed(fragment)
+        except ConnectionClosed:
+            code, reason = self.ws.close_code, self.ws.close_reason or ""
+            if code is not None and code != 1006:  # 1006: no close frame came
+                self.close_got = (None if code == 1005 else code), reason
+        finally:
+            self.eof.set()
+
+
+_Connection = _TcpConnection | _WsConnection
 
 
 async def drive(
@@ -273,11 +294,6 @@ async def drive(
     with open_recording(path) as reader:
         meta = reader.meta
     report = DriveReport(str(path), url or str(target))
-    try:
-        connection = await _open(target, url, meta.subprotocol, timeout)
-    except HandshakeFailed as exc:
-        report.error = str(exc)
-        return report
     with open_recording(path) as expected_reader:
         expected = (
             r
@@ -285,15 +301,25 @@ async def drive(
             if isinstance(r, FrameRecord) and r.direction is Direction.DOWN and r.is_data
         )
         comparison = StreamComparison(expected)
-        try:
+        async with AsyncExitStack() as stack:
+            try:
+                opened = await _open(stack, target, url, meta.subprotocol, timeout)
+            except _CannotConnect as exc:
+                report.error = str(exc)
+                return report
             async with trio.open_nursery() as nursery:
+                connection: _Connection = (
+                    _WsConnection(opened, nursery)
+                    if isinstance(opened, ClientConnection)
+                    else _TcpConnection(opened)
+                )
                 nursery.start_soon(connection.receive_into, comparison)
                 await _play_client(
                     path, connection, comparison, report, speed, delay, timeout, on_progress
                 )
                 nursery.cancel_scope.cancel()
-        finally:
-            await connection.aclose()
+            # What the recording did not close is cut, not closed with a handshake.
+            await trio.aclose_forcefully(opened)
         report.received_bytes = comparison.compared + comparison.extra_count
         report.divergences = comparison.divergences
         report.more_divergences = comparison.more_divergences
@@ -305,18 +331,45 @@ async def drive(
 
 
 async def _open(
-    target: TcpAddress | None, url: str | None, subprotocol: str | None, timeout: float
-) -> _Connection:
-    if url is not None:
-        subprotocols = [subprotocol] if subprotocol else []
-        return _Connection(await connect(url, subprotocols=subprotocols, timeout=timeout), None)
-    assert target is not None
+    stack: AsyncExitStack,
+    target: TcpAddress | None,
+    url: str | None,
+    subprotocol: str | None,
+    timeout: float,
+) -> ClientConnection | trio.SocketStream:
+    """Connect, to be closed by ``stack``; :class:`_CannotConnect` says why not."""
+    if url is None:
+        assert target is not None
+        try:
+            with trio.fail_after(timeout):
+                stream = await trio.open_tcp_stream(target.host, target.port)
+        except (OSError, trio.TooSlowError) as exc:
+            raise _CannotConnect(f"cannot connect to {target}: {exc or 'timed out'}") from None
+        stack.push_async_callback(trio.aclose_forcefully, stream)
+        return stream
     try:
-        with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(target.host, target.port)
-    except (OSError, trio.TooSlowError) as exc:
-        raise HandshakeFailed(f"cannot connect to {target}: {exc or 'timed out'}") from None
-    return _Connection(None, stream)
+        client = connect(
+            url,
+            subprotocols=[Subprotocol(subprotocol)] if subprotocol else None,
+            compression=None,  # the recorded frames go out as recorded
+            proxy=None,
+            open_timeout=timeout,
+            ping_interval=None,  # no frame the recording does not have
+            close_timeout=timeout,
+            max_size=None,
+            logger=log,
+        )
+        return await stack.enter_async_context(client)
+    except InvalidURI as exc:
+        raise _CannotConnect(str(exc)) from None
+    except OSError as exc:
+        parts = urlsplit(url)
+        where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'wss' else 80)}"
+        raise _CannotConnect(f"cannot connect to {where}: {exc.strerror or exc}") from None
+    except TimeoutError:
+        raise _CannotConnect(f"no WebSocket handshake with {url} within {timeout:g} s") from None
+    except InvalidHandshake as exc:
+        raise _CannotConnect(f"{url} refused the WebSocket: {exc}") from None
 
 
 async def _play_client(
@@ -419,7 +472,7 @@ async def _end_like_recording(
             f"with {_describe_close(recorded_close)}"
         )
         return
-    if connection.ws is not None:
+    if isinstance(connection, _WsConnection):
         got = connection.close_got
         if got is None or got[0] != recorded_close[0]:
             got_text = _describe_close(got) if got is not None else "no close frame"

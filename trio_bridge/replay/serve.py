@@ -14,17 +14,23 @@ long recording costs no memory.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.trio.server import ServerConnection
+from websockets.trio.server import serve as serve_websocket
+from websockets.typing import Subprotocol
 
 from ..observe import Direction
 from ..recording import FrameRecord, Kind, open_recording
 from .messages import Message, MessageAssembler, recorded_messages
 from .preview import describe_payload
-from .wsio import HandshakeFailed, WsEndpoint, accept
+from .wsio import FrameSender
 
 log = logging.getLogger("trio_bridge.replay")
 
@@ -95,7 +101,7 @@ class _ClientProgress:
 
     def __init__(self) -> None:
         self.count = 0
-        self.done = False  # the connection is over: no more messages will come
+        self.closed = trio.Event()  # the connection is over: no more messages will come
         self._changed = trio.Event()
 
     def advance(self) -> None:
@@ -103,7 +109,7 @@ class _ClientProgress:
         self._notify()
 
     def finish(self) -> None:
-        self.done = True
+        self.closed.set()
         self._notify()
 
     def _notify(self) -> None:
@@ -113,7 +119,7 @@ class _ClientProgress:
     async def wait_for(self, count: int) -> bool:
         """True once ``count`` messages arrived; False if the connection ended first."""
         while self.count < count:
-            if self.done:
+            if self.closed.is_set():
                 return False
             await self._changed.wait()
         return True
@@ -173,18 +179,55 @@ class ReplayServer:
         once: bool = False,
         task_status: trio.TaskStatus[ReplayServer] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve clients on ``listeners``; with ``once``, return after the first session."""
+        """Serve clients on ``listeners``; with ``once``, return after the first session
+        (clients connecting meanwhile are refused with close code 1013, try again later)."""
         self.port = listeners[0].socket.getsockname()[1]
-        if once:
-            task_status.started(self)
-            stream = await listeners[0].accept()
-            for listener in listeners:
-                await listener.aclose()
-            await self.handle(stream)
-            return
+        first_taken, first_done = trio.Event(), trio.Event()
+
+        async def handler(ws: ServerConnection) -> None:
+            if once and first_taken.is_set():
+                await ws.aclose(1013, "this replay serves one client (--once)")
+                return
+            first_taken.set()
+            try:
+                await self.handle(ws)
+            finally:
+                first_done.set()
+
+        def refused(ws: ServerConnection, request: Request, response: Response) -> None:
+            if response.status_code != 101:
+                host, port = ws.remote_address[:2]
+                status = f"HTTP {response.status_code} {response.reason_phrase}"
+                log.warning("client %s:%s: refused the handshake with %s", host, port, status)
+                if once:
+                    first_done.set()
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, self.handle, listeners)
+            await nursery.start(
+                partial(
+                    serve_websocket,
+                    handler,
+                    listeners=listeners,
+                    select_subprotocol=self._select_subprotocol,
+                    process_response=refused,
+                    compression=None,  # the recorded frames go out as recorded
+                    open_timeout=self.handshake_timeout,
+                    ping_interval=None,  # no frame the recording does not have
+                    close_timeout=self.close_timeout,
+                    max_size=None,
+                    logger=log,
+                )
+            )
             task_status.started(self)
+            if once:
+                await first_done.wait()
+                nursery.cancel_scope.cancel()
+
+    def _select_subprotocol(
+        self, ws: ServerConnection, offered: Sequence[Subprotocol]
+    ) -> Subprotocol | None:
+        wanted = self.meta.subprotocol
+        return Subprotocol(wanted) if wanted is not None and wanted in offered else None
 
     async def wait_reports(self, count: int) -> list[ServeReport]:
         while len(self.reports) < count:
@@ -192,31 +235,17 @@ class ReplayServer:
             self._report_added = trio.Event()
         return self.reports[:count]
 
-    async def handle(self, stream: trio.SocketStream) -> ServeReport | None:
-        """Serve one client connection to the end; returns its report."""
-        host, port = stream.socket.getpeername()[:2]
-        peer = f"{host}:{port}"
-        try:
-            ws = await accept(
-                stream,
-                peer,
-                subprotocol=self.meta.subprotocol,
-                timeout=self.handshake_timeout,
-            )
-        except HandshakeFailed as exc:
-            log.warning("client %s: %s", peer, exc)
-            await trio.aclose_forcefully(stream)
-            return None
-        report = ServeReport(peer)
+    async def handle(self, ws: ServerConnection) -> ServeReport:
+        """Serve one client, from its open WebSocket to the end; returns its report."""
+        host, port = ws.remote_address[:2]
+        report = ServeReport(f"{host}:{port}")
         progress = _ClientProgress()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._compare, ws, report, progress)
-                await self._play(ws, report, progress)
-                await self._finish(ws)
-                nursery.cancel_scope.deadline = trio.current_time() + self.close_timeout
-        finally:
-            await ws.aclose()
+        async with trio.open_nursery() as nursery:
+            sender = FrameSender(ws, nursery)
+            nursery.start_soon(self._compare, ws, report, progress)
+            await self._play(sender, report, progress)
+            await self._finish(sender)
+            nursery.cancel_scope.deadline = trio.current_time() + self.close_timeout
         self.reports.append(report)
         self._report_added.set()
         if self.on_report is not None:
@@ -225,7 +254,9 @@ class ReplayServer:
 
     # -- playing the target's side --------------------------------------------------------
 
-    async def _play(self, ws: WsEndpoint, report: ServeReport, progress: _ClientProgress) -> None:
+    async def _play(
+        self, sender: FrameSender, report: ServeReport, progress: _ClientProgress
+    ) -> None:
         anchor = trio.current_time()
         client_messages = 0
         client_closed_first = False
@@ -253,17 +284,17 @@ class ReplayServer:
                 if record.kind is Kind.CLOSE and client_closed_first:
                     # The recorded close was the echo of the client's: wait for this one's.
                     with trio.move_on_after(self.close_timeout):
-                        await ws.peer_closing.wait()
+                        await progress.closed.wait()
                     report.played_to_end = True
                     return
-                if ws.peer_closing.is_set() or not await ws.send(
+                if progress.closed.is_set() or not await sender.send(
                     record.kind, record.payload, record.fin
                 ):
                     report.note = "the client closed the connection before the recording ended"
                     return
                 report.sent_frames += 1
                 if self.on_progress is not None:
-                    self.on_progress(ws.peer, reader.position, trio.current_time() - anchor)
+                    self.on_progress(report.client, reader.position, trio.current_time() - anchor)
                 if record.kind is Kind.CLOSE:
                     report.played_to_end = True
                     return
@@ -271,17 +302,15 @@ class ReplayServer:
             if reader.status is not None and not reader.status.complete:
                 report.note = f"the recording is {reader.status.describe()}"
 
-    async def _finish(self, ws: WsEndpoint) -> None:
-        """End the session: close if the recording did not, then wait for the client."""
-        if not ws.peer_closing.is_set():
-            await ws.close(1000, "end of recording")
-        with trio.move_on_after(self.close_timeout):
-            await ws.closed.wait()
+    async def _finish(self, sender: FrameSender) -> None:
+        """End the session: close if the recording did not (waiting for the client's reply)."""
+        await sender.end_message()
+        await sender.ws.aclose(1000, "end of recording")
 
     # -- comparing the client's side ------------------------------------------------------
 
     async def _compare(
-        self, ws: WsEndpoint, report: ServeReport, progress: _ClientProgress
+        self, ws: ServerConnection, report: ServeReport, progress: _ClientProgress
     ) -> None:
         with open_recording(self.recording) as reader:
             expected = recorded_messages(reader, Direction.UP)
@@ -293,18 +322,21 @@ class ReplayServer:
 
     async def _compare_messages(
         self,
-        ws: WsEndpoint,
+        ws: ServerConnection,
         report: ServeReport,
         progress: _ClientProgress,
         expected: Iterator[Message],
     ) -> None:
         started = trio.current_time()
-        assembler = MessageAssembler()
-        while (frame := await ws.receive()) is not None:
-            got = assembler.feed(Kind(frame.opcode.value), frame.fin, bytes(frame.data))
-            if got is None:
-                continue
+        while True:
+            try:
+                data = await ws.recv()
+            except ConnectionClosed:
+                return
+            text = isinstance(data, str)
+            payload = data.encode() if isinstance(data, str) else data
             report.client_messages += 1
+            got = Message(report.client_messages, text, payload)
             recorded = next(expected, None)
             if recorded is not None:
                 report.expected_messages += 1
