@@ -3,22 +3,31 @@ and counters checked against real sessions and real failed handshakes."""
 
 from __future__ import annotations
 
+import logging
+import re
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.trio.client import connect
 
+from trio_bridge import __version__
 from trio_bridge.addons import Addons
 from trio_bridge.cli import build_parser, config_from_args
 from trio_bridge.config import Config, Limits, TcpAddress
-from trio_bridge.metrics import BridgeMetrics, Counter, Registry, close_code_label
+from trio_bridge.handshake import HandshakeFailure
+from trio_bridge.metrics import BridgeMetrics, close_code_label
 from trio_bridge.server import Bridge
+from trio_bridge.session import SessionStats
+from trio_bridge.wrap import WrapConfig
 
 from .conftest import TcpTarget, free_port, loopback_listener
 from .test_web import fetch
@@ -37,6 +46,29 @@ def parse(text: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
+
+
+def exposed(metrics: BridgeMetrics) -> str:
+    return generate_latest(metrics.registry).decode()
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+
+
+def documented_rows(heading: str) -> list[list[str]]:
+    """The body rows of the first table under ``heading`` in docs/metrics.md."""
+    section = DOCS.read_text().split(f"\n{heading}\n", 1)[1]
+    rows: list[list[str]] = []
+    for line in section.splitlines():
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows[2:]  # the header and its --- line
+
+
+def quoted(cell: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", cell)
 
 
 class Scraped:
@@ -172,10 +204,10 @@ async def test_process_and_build_metrics(start_scraped: Start) -> None:
     )
     assert value(samples, "process_open_fds") > 3
     assert value(samples, "process_cpu_seconds_total") > 0
+    assert value(samples, "process_max_fds") > value(samples, "process_open_fds")
+    assert value(samples, "trio_bridge_build_info", version=__version__) == 1
     assert value(samples, "trio_bridge_recording_gaps_total") == 0
-    scraped.bridge.metrics.recording_gaps.inc()  # as the recorder does
-    scraped.bridge.metrics.recording_gaps.inc(2)
-    assert value(await scraped.scrape(), "trio_bridge_recording_gaps_total") == 3
+    assert value(samples, "trio_bridge_recording_lost_bytes_total") == 0
 
 
 async def test_endpoint_paths_and_methods(start_scraped: Start) -> None:
@@ -195,22 +227,101 @@ async def test_endpoint_paths_and_methods(start_scraped: Start) -> None:
     assert (await fetch(scraped.metrics_port, "/metrics")).status == 200
 
 
-def test_exposition_escapes_labels_and_help() -> None:
-    registry = Registry()
-    counter = registry.counter("odd_total", "help with \\ and\nnewline", ("label",))
-    counter.inc(label='quote " backslash \\ newline \n end')
-    counter.inc(0.5, label="plain")
-    samples = parse(registry.render())
-    assert value(samples, "odd_total", label='quote " backslash \\ newline \n end') == 1
-    assert value(samples, "odd_total", label="plain") == 0.5
-    with pytest.raises(ValueError, match="only goes up"):
-        counter.inc(-1, label="plain")
-    with pytest.raises(ValueError, match="labels"):
-        counter.inc(other="x")
-    with pytest.raises(ValueError, match="_total"):
-        Counter("no_suffix", "x")
-    with pytest.raises(ValueError, match="already registered"):
-        registry.counter("odd_total", "again")
+async def test_endpoint_reads_requests_as_they_come(start_scraped: Start) -> None:
+    """The request head may arrive a byte at a time; a body or an over-long line is
+    not a request the endpoint answers: it closes the connection."""
+    scraped = await start_scraped()
+
+    async def exchange(*chunks: bytes) -> bytes:
+        with trio.fail_after(10):
+            async with await trio.open_tcp_stream("127.0.0.1", scraped.metrics_port) as stream:
+                data = b""
+                try:
+                    for chunk in chunks:
+                        await stream.send_all(chunk)
+                        await trio.sleep(0.001)
+                    await stream.send_eof()
+                    while more := await stream.receive_some(65536):
+                        data += more
+                except trio.BrokenResourceError:  # reset: closed with our bytes unread
+                    pass
+                return data
+
+    request = b"GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+    trickled = await exchange(*(request[i : i + 1] for i in range(len(request))))
+    assert trickled.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\n\r\n# HELP " in trickled
+    with_body = b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+    assert await exchange(with_body) == b""
+    assert await exchange(b"GET /" + b"m" * 9000 + b" HTTP/1.1\r\n\r\n") == b""
+    assert await exchange(b"GET /metrics HTTP/1.1\r\n") == b""  # gone before the end
+
+
+class BrokenCollector:
+    """A component's collector with a bug: it raises at scrape time."""
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        raise RuntimeError("a collector's bug")
+
+
+async def test_a_failing_collector_ends_only_its_scrape(
+    start_scraped: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    scraped = await start_scraped()
+    broken = BrokenCollector()
+    scraped.bridge.metrics.registry.register(broken)
+    with trio.fail_after(10):
+        async with await trio.open_tcp_stream("127.0.0.1", scraped.metrics_port) as stream:
+            await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert await stream.receive_some(1024) == b""
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "metrics: answering a scrape failed; the connection is closed"
+    ]
+    scraped.bridge.metrics.registry.unregister(broken)
+    assert value(await scraped.scrape(), "trio_bridge_sessions_open") == 0
+
+
+def test_the_exposition_is_the_documented_interface() -> None:
+    """Every family a bridge exposes (wrap mode and process ones included) has the name,
+    type and label names docs/metrics.md gives it, and none is undocumented."""
+    addons = Addons(Config(target=None, wrap=WrapConfig(("true",))))
+    stats = SessionStats("s1", "client", "target", close_code=1000, closed_by="client")
+    addons.metrics.session_opened(stats)
+    addons.metrics.session_closed(stats)
+    text = exposed(addons.metrics)
+    scraped: dict[str, tuple[str, set[str]]] = {}
+    for family in text_string_to_metric_families(text):
+        # The parser names a counter family without its _total, as OpenMetrics does.
+        name = family.name + "_total" if family.type == "counter" else family.name
+        scraped[name] = (family.type, {key for s in family.samples for key in s.labels})
+    documented: dict[str, tuple[str, set[str]]] = {}
+    for names, kind, labels, _ in documented_rows("## What is exposed"):
+        for name in quoted(names):
+            documented[name] = (kind, set(quoted(labels)))
+    assert scraped == documented
+    assert "_created" not in text
+
+
+def test_docs_list_every_handshake_failure_reason() -> None:
+    documented = {quoted(row[0])[0] for row in documented_rows("### Handshake failure reasons")}
+    assert documented == {reason.value for reason in HandshakeFailure} | {"http_<status>"}
+    # ... and each fixed one is exported from the start.
+    samples = parse(exposed(BridgeMetrics(process=False)))
+    for reason in HandshakeFailure:
+        assert value(samples, "trio_bridge_handshake_failures_total", reason=reason) == 0
+
+
+def test_recording_gaps_count_gaps_and_lost_bytes() -> None:
+    metrics = BridgeMetrics(process=False)
+    metrics.recording_gap(3, 4096)  # the recorder's on_gap(frames_dropped, bytes_dropped)
+    metrics.recording_gap(1, 10)
+    samples = parse(exposed(metrics))
+    assert value(samples, "trio_bridge_recording_gaps_total") == 2
+    assert value(samples, "trio_bridge_recording_lost_bytes_total") == 4106
 
 
 @pytest.mark.parametrize(
@@ -228,10 +339,19 @@ def test_close_codes_are_a_bounded_label(code: int | None, label: str) -> None:
     assert close_code_label(code) == label
 
 
-def test_a_bare_bridge_counts_without_process_metrics() -> None:
+def test_each_bridge_counts_in_its_own_registry() -> None:
+    """Two bridges in one process: their own figures, nothing in prometheus_client's
+    global registry; a bare Bridge has no process metrics (the process is not its own)."""
     config = Config(target=TcpAddress("127.0.0.1", 5900))
-    samples = parse(Bridge(config).metrics.render())
-    assert ("process_resident_memory_bytes", frozenset()) not in samples
+    first, second = Bridge(config), Bridge(config)
+    first.metrics.handshake_failed(HandshakeFailure.TIMEOUT)
+    first.metrics.handshake_failed(404)
+    one, other = parse(exposed(first.metrics)), parse(exposed(second.metrics))
+    assert value(one, "trio_bridge_handshake_failures_total", reason="timeout") == 1
+    assert value(one, "trio_bridge_handshake_failures_total", reason="http_404") == 1
+    assert value(other, "trio_bridge_handshake_failures_total", reason="timeout") == 0
+    assert ("process_resident_memory_bytes", frozenset()) not in one
+    assert "trio_bridge" not in generate_latest(REGISTRY).decode()
     assert isinstance(Bridge(config, metrics=BridgeMetrics()).metrics, BridgeMetrics)
 
 

@@ -17,7 +17,8 @@ The CLI does ``addons = Addons(config)``, ``bridge = addons.bridge()`` and
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -29,6 +30,9 @@ from .routing import HttpResponder, RequestGate, TargetResolver
 from .server import Bridge
 from .web import FileServer, FirstAnswer, HealthEndpoint, NoRelay
 from .wrap import Supervisor, first_leaf
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 
 class WrappedProgramExited(Exception):
@@ -43,6 +47,29 @@ class WrappedProgramExited(Exception):
     def status_of(cls, group: BaseExceptionGroup[WrappedProgramExited]) -> int:
         """The status inside the exception group a nursery wraps this in."""
         return first_leaf(group).status
+
+
+class WrappedProgramMetrics:
+    """A prometheus_client collector: the wrapped program's state, read from its
+    supervisor when Prometheus scrapes (nothing to update as the program comes and goes)."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self) -> Iterator[Metric]:
+        # Imported here, as in BridgeMetrics.registry: no start-up cost where unused.
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield GaugeMetricFamily(
+            "trio_bridge_wrapped_program_up",
+            "1 while the wrapped program is running and reachable.",
+            value=float(self.supervisor.running),
+        )
+        yield CounterMetricFamily(
+            "trio_bridge_wrapped_program_starts_total",
+            "Times the wrapped program was started.",
+            value=self.supervisor.starts,
+        )
 
 
 def web_gates(gates: Sequence[RequestGate]) -> list[RequestGate]:
@@ -78,16 +105,7 @@ class Addons:
         if config.wrap is not None:
             supervisor = Supervisor(config.wrap, connect_timeout=config.limits.connect_timeout)
             self.supervisor = self.resolver = supervisor
-            self.metrics.registry.gauge(
-                "trio_bridge_wrapped_program_up",
-                "1 while the wrapped program is running and reachable.",
-                lambda: float(supervisor.running),
-            )
-            self.metrics.registry.observed_counter(
-                "trio_bridge_wrapped_program_starts_total",
-                "Times the wrapped program was started.",
-                lambda: supervisor.starts,
-            )
+            self.metrics.registry.register(WrappedProgramMetrics(supervisor))
         elif config.file_only:
             self.resolver = NoRelay()
         responders: list[HttpResponder] = []

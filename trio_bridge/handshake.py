@@ -12,6 +12,7 @@ import http
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 from websockets.datastructures import Headers
 from websockets.exceptions import (
@@ -85,11 +86,29 @@ _PARSER_STATUS: dict[type[Exception], int] = {
 }
 
 
+class HandshakeFailure(StrEnum):
+    """Why a connection ended before its session opened, when no HTTP status says it: the
+    ``reason`` label of ``trio_bridge_handshake_failures_total``. One enum, so the metric,
+    the code that counts it and docs/metrics.md (a test compares them) name the same set;
+    a request refused with an HTTP error counts as ``http_<status>`` instead."""
+
+    TIMEOUT = "timeout"
+    MALFORMED = "malformed"
+    CLIENT_GONE = "client_gone"
+    TLS = "tls"
+    PLAIN_ON_SSL_ONLY = "plain_on_ssl_only"
+    CONNECTION_LIMIT = "connection_limit"
+    EVICTED = "evicted"
+    ADDRESS_LIMIT = "address_limit"
+    TARGET_UNAVAILABLE = "target_unavailable"
+    INTERNAL_ERROR = "internal_error"
+
+
 @dataclass
 class Refusal:
     """Why a connection ended before the WebSocket opened: a metrics label and a log line."""
 
-    kind: str  # "malformed" (answered with ``status``) or "client_gone"
+    kind: HandshakeFailure  # MALFORMED (answered with ``status``) or CLIENT_GONE
     status: int | None
     reason: str
 
@@ -142,7 +161,11 @@ async def receive_request(channel: ClientChannel) -> Request | Refusal:
         except PEER_GONE:
             data = b""
         if not data:
-            return Refusal("client_gone", None, "client closed the connection during the handshake")
+            return Refusal(
+                HandshakeFailure.CLIENT_GONE,
+                None,
+                "client closed the connection during the handshake",
+            )
         protocol.receive_data(data)
         events = protocol.events_received()
         if events:
@@ -168,7 +191,9 @@ async def _refuse_unparsed(channel: ClientChannel, exc: Exception) -> Refusal:
         response = plain_response(status, f"Bad HTTP request: {detail}.\n")
         await channel.send_raw(response.serialize())
     await channel.flush()
-    return Refusal("malformed", status, f"refused with {status}: bad HTTP request ({detail})")
+    return Refusal(
+        HandshakeFailure.MALFORMED, status, f"refused with {status}: bad HTTP request ({detail})"
+    )
 
 
 def plain_response(status: http.HTTPStatus, text: str) -> Response:

@@ -1,242 +1,56 @@
-"""Prometheus metrics: a few counters, gauges read at scrape time, and the text format.
+"""Prometheus metrics: what the bridge counts, exposed with ``prometheus_client``.
 
-Written by hand rather than with ``prometheus_client``: the bridge exposes about ten
-families with small, fixed label sets, and the text exposition format (version 0.0.4)
-is a few lines of escaping. The library would bring a process-global default registry
-(two bridges in one process, as in the tests, would collide), a threaded HTTP server
-that does not fit Trio, and multiprocess machinery the bridge has no use for. The test
-suite checks this output with ``prometheus_client``'s own parser instead.
+The bridge's families come from one collector, :class:`BridgeMetrics`, read when
+Prometheus scrapes. It lives in a :class:`~prometheus_client.CollectorRegistry` of its
+own, never the library's process-global one, so two bridges in one process (the tests,
+an embedding program) each show their own figures. ``generate_latest`` writes the text
+format; :class:`MetricsServer` serves it with Trio, not with the library's threaded
+HTTP server.
 
-Hot paths pay nothing: byte counts are read from the live sessions' own statistics
-when Prometheus scrapes, and counters move only when a session opens or ends or a
-handshake fails.
-
-Other components register their own families on :attr:`BridgeMetrics.registry`, or
-increment the counters exposed here, e.g. the recorder:
-``bridge.metrics.recording_gaps.inc()``.
+Hot paths pay nothing: byte counts are read from the live sessions' own statistics when
+Prometheus scrapes, and the plain integers here move only when a session opens or ends,
+a handshake fails or the recorder drops data. The families are built afresh at each
+scrape (no ``prometheus_client.Counter`` objects), so they carry no ``_created`` samples:
+the exposition is exactly what docs/metrics.md documents.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
-import resource
 import socket
-import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import trio
 from websockets.http11 import Request, Response
-from websockets.streams import StreamReader
+from websockets.server import ServerProtocol
 
+from .handshake import WEBSOCKETS_LOG, HandshakeFailure
+from .listeners import accept_forever, describe
 from .logs import RateLimitedLog
 from .netio import close_socket
-from .web import SAFE_METHODS, http_response, method_not_allowed, split_target, text_response
+from .request_target import split_target
+from .web import SAFE_METHODS, http_response, method_not_allowed, text_response
 
 if TYPE_CHECKING:
-    from .handshake import Refusal
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, Metric
+
     from .session import SessionStats
 
 log = logging.getLogger("trio_bridge.metrics")
 
+#: What ``generate_latest`` writes: the text exposition format, version 0.0.4.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-Labels = tuple[tuple[str, str], ...]
-Sample = tuple[Labels, float]
 
 
 def _version() -> str:
     from . import __version__  # the package imports this module while it initialises
 
     return __version__
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", r"\\").replace("\n", r"\n")
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-class Family(ABC):
-    """One metric family: a name, a help line, a type and its samples at scrape time."""
-
-    def __init__(self, name: str, help: str, kind: str) -> None:
-        self.name = name
-        self.help = help
-        self.kind = kind
-
-    @abstractmethod
-    def samples(self) -> Iterable[Sample]: ...
-
-    def render(self) -> str:
-        lines = [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
-        for labels, value in self.samples():
-            text = ",".join(f'{key}="{_escape_label(val)}"' for key, val in labels)
-            series = f"{self.name}{{{text}}}" if text else self.name
-            lines.append(f"{series} {_number(value)}")
-        return "\n".join(lines) + "\n"
-
-
-class Counter(Family):
-    """A monotonic count, optionally split by labels: ``inc()`` or ``inc(reason="x")``."""
-
-    def __init__(self, name: str, help: str, labelnames: tuple[str, ...] = ()) -> None:
-        if not name.endswith("_total"):
-            raise ValueError(f"counter {name} must end in _total")
-        super().__init__(name, help, "counter")
-        self.labelnames = labelnames
-        self._values: dict[Labels, float] = {} if labelnames else {(): 0}
-
-    def inc(self, amount: float = 1, **labels: str) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        if set(labels) != set(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {tuple(labels)}")
-        key = tuple((name, labels[name]) for name in self.labelnames)
-        self._values[key] = self._values.get(key, 0) + amount
-
-    def value(self, **labels: str) -> float:
-        return self._values.get(tuple((name, labels[name]) for name in self.labelnames), 0)
-
-    def samples(self) -> Iterable[Sample]:
-        return sorted(self._values.items())
-
-
-class Observed(Family):
-    """A family whose samples a function computes at scrape time (live values)."""
-
-    def __init__(
-        self, name: str, help: str, kind: str, read: Callable[[], Mapping[Labels, float]]
-    ) -> None:
-        super().__init__(name, help, kind)
-        self._read = read
-
-    def samples(self) -> Iterable[Sample]:
-        return sorted(self._read().items())
-
-
-class Registry:
-    """The families one ``/metrics`` page shows, in registration order."""
-
-    def __init__(self) -> None:
-        self.families: dict[str, Family] = {}
-
-    def add(self, family: Family) -> Family:
-        if family.name in self.families:
-            raise ValueError(f"metric {family.name} is already registered")
-        self.families[family.name] = family
-        return family
-
-    def counter(self, name: str, help: str, labelnames: tuple[str, ...] = ()) -> Counter:
-        counter = Counter(name, help, labelnames)
-        self.add(counter)
-        return counter
-
-    def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
-        """A value read at scrape time."""
-        self.add(Observed(name, help, "gauge", lambda: {(): read()}))
-
-    def observed_counter(self, name: str, help: str, read: Callable[[], float]) -> None:
-        """A count kept elsewhere (it must never go down), read at scrape time."""
-        self.add(Observed(name, help, "counter", lambda: {(): read()}))
-
-    def render(self) -> str:
-        return "".join(family.render() for family in self.families.values())
-
-
-# -- the process ------------------------------------------------------------------------
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _proc_fields(path: str) -> list[str]:
-    try:
-        with open(path) as file:
-            return file.read().split()
-    except OSError:
-        return []
-
-
-def _start_time() -> float:
-    """The process's start in Unix time, from /proc (as prometheus_client computes it)."""
-    try:
-        with open("/proc/self/stat") as file:
-            # Field 22, starttime in clock ticks since boot; fields count from 1 and the
-            # command name (field 2, in parentheses) may contain spaces.
-            after_name = file.read().rpartition(")")[2].split()
-        boot = _proc_fields("/proc/stat")
-        btime = float(boot[boot.index("btime") + 1])
-        return btime + float(after_name[22 - 3]) / _TICKS
-    except (OSError, ValueError, IndexError):
-        return time.time()
-
-
-def register_process_metrics(registry: Registry) -> None:
-    """The standard ``process_*`` families, read from /proc at scrape time."""
-
-    def statm(index: int) -> float:
-        fields = _proc_fields("/proc/self/statm")
-        return float(fields[index]) * _PAGE if fields else 0.0
-
-    def open_fds() -> float:
-        try:
-            return float(len(os.listdir("/proc/self/fd")))
-        except OSError:
-            return 0.0
-
-    def cpu_seconds() -> float:
-        times = os.times()
-        return times.user + times.system
-
-    start = _start_time()
-    registry.gauge(
-        "process_resident_memory_bytes", "Resident memory size in bytes.", lambda: statm(1)
-    )
-    registry.gauge(
-        "process_virtual_memory_bytes", "Virtual memory size in bytes.", lambda: statm(0)
-    )
-    registry.gauge("process_open_fds", "Number of open file descriptors.", open_fds)
-    registry.gauge(
-        "process_max_fds",
-        "Maximum number of open file descriptors.",
-        lambda: float(resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
-    )
-    registry.observed_counter(
-        "process_cpu_seconds_total", "Total user and system CPU time in seconds.", cpu_seconds
-    )
-    registry.gauge(
-        "process_start_time_seconds",
-        "Start time of the process since the Unix epoch in seconds.",
-        lambda: start,
-    )
-
-
-# -- the bridge -------------------------------------------------------------------------
-
-#: Handshake failures with a fixed name; an HTTP refusal counts as ``http_<status>``.
-HANDSHAKE_FAILURES = (
-    "timeout",
-    "malformed",
-    "client_gone",
-    "connection_limit",
-    "evicted",
-    "target_unavailable",
-    "internal_error",
-)
-
-
-def refusal_kind(refusal: Refusal) -> str:
-    """The ``reason`` label for a connection that ended before a request was parsed."""
-    return refusal.kind
 
 
 def close_code_label(code: int | None) -> str:
@@ -250,90 +64,131 @@ def close_code_label(code: int | None) -> str:
     return "other"
 
 
+def labelled(family: CounterMetricFamily, samples: Iterable[tuple[Sequence[str], int]]) -> Metric:
+    """``family`` with its samples: (label values, value) pairs."""
+    for labels, value in samples:
+        family.add_metric(labels, value)
+    return family
+
+
 class BridgeMetrics:
-    """What :class:`~trio_bridge.server.Bridge` counts; rendered by :meth:`render`.
+    """What :class:`~trio_bridge.server.Bridge` counts: a prometheus_client collector.
 
     The bridge calls :meth:`session_opened` / :meth:`session_closed` /
-    :meth:`handshake_failed`; everything else is read when scraped.
+    :meth:`handshake_failed`, the recorder :meth:`recording_gap`; the registry calls
+    :meth:`collect` at each scrape.
     """
 
-    def __init__(self, registry: Registry | None = None, *, process: bool = True) -> None:
-        self.registry = registry = registry or Registry()
+    def __init__(self, *, process: bool = True) -> None:
+        self._process = process
+        self.sessions = 0
         self._open: dict[int, SessionStats] = {}
         self._closed_up = 0
         self._closed_down = 0
-        registry.add(
-            Observed(
-                "trio_bridge_build_info",
-                "The trio-bridge version, as a label.",
-                "gauge",
-                lambda: {(("version", _version()),): 1},
-            )
-        )
-        registry.gauge(
-            "trio_bridge_sessions_open", "WebSocket sessions relaying now.", lambda: len(self._open)
-        )
-        self.sessions = registry.counter(
-            "trio_bridge_sessions_total",
-            "WebSocket sessions opened (handshake done, target connected).",
-        )
-        registry.add(
-            Observed(
-                "trio_bridge_bytes_total",
-                "Payload bytes relayed, by direction (live sessions included).",
-                "counter",
-                self._bytes,
-            )
-        )
-        self.handshake_failures = registry.counter(
-            "trio_bridge_handshake_failures_total",
-            "Connections that ended before a session opened, by reason.",
-            ("reason",),
-        )
-        for reason in HANDSHAKE_FAILURES:
-            self.handshake_failures.inc(0, reason=reason)
-        self.closes = registry.counter(
-            "trio_bridge_sessions_closed_total",
-            "Sessions ended, by WebSocket close code (3xxx/4xxx bucketed) and who closed.",
-            ("code", "closed_by"),
-        )
-        self.recording_gaps = registry.counter(
-            "trio_bridge_recording_gaps_total",
-            "Gaps in session recordings: frames the recorder had to drop.",
-        )
-        if process:
-            register_process_metrics(registry)
+        # Every fixed reason is exported from the start, so rate() works at once.
+        self.handshake_failures = Counter({reason.value: 0 for reason in HandshakeFailure})
+        self.closes: Counter[tuple[str, str]] = Counter()
+        self.recording_gaps = 0
+        self.recording_lost_bytes = 0
 
-    # -- called by the server ---------------------------------------------------------
+    @functools.cached_property
+    def registry(self) -> CollectorRegistry:
+        """The registry the endpoint serves: this collector, the official ``process_*``
+        families (unless ``process=False``) and what other components register.
+
+        Made when first asked for, as prometheus_client is imported then: that import
+        costs ~15 ms of start-up, which a bridge serving no metrics need not pay.
+        """
+        from prometheus_client import CollectorRegistry, ProcessCollector
+
+        # auto_describe: a family registered twice (here or by another component) is
+        # refused when registered, not found as a duplicate in a scrape.
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(self)
+        if self._process:
+            ProcessCollector(registry=registry)
+        return registry
+
+    # -- called by the server and the recorder ----------------------------------------
 
     def session_opened(self, stats: SessionStats) -> None:
         self._open[id(stats)] = stats
-        self.sessions.inc()
+        self.sessions += 1
 
     def session_closed(self, stats: SessionStats) -> None:
         if self._open.pop(id(stats), None) is None:
             return
         self._closed_up += stats.bytes_up
         self._closed_down += stats.bytes_down
-        self.closes.inc(
-            code=close_code_label(stats.close_code), closed_by=stats.closed_by or "none"
-        )
+        self.closes[close_code_label(stats.close_code), stats.closed_by or "none"] += 1
 
-    def handshake_failed(self, reason: str) -> None:
-        self.handshake_failures.inc(reason=reason)
+    def handshake_failed(self, reason: HandshakeFailure | int) -> None:
+        """A connection ended before its session opened: a fixed reason, or the HTTP
+        status its request was refused with (counted as ``http_<status>``)."""
+        label = f"http_{reason}" if isinstance(reason, int) else reason.value
+        self.handshake_failures[label] += 1
+
+    def recording_gap(self, frames: int, lost_bytes: int) -> None:
+        """The recorder's ``on_gap``: it wrote a GAP record for ``frames`` dropped frames."""
+        self.recording_gaps += 1
+        self.recording_lost_bytes += lost_bytes
 
     # -- read at scrape time ----------------------------------------------------------
 
-    def _bytes(self) -> dict[Labels, float]:
-        up = self._closed_up + sum(stats.bytes_up for stats in self._open.values())
-        down = self._closed_down + sum(stats.bytes_down for stats in self._open.values())
-        return {
-            (("direction", "client_to_target"),): up,
-            (("direction", "target_to_client"),): down,
-        }
+    def collect(self) -> Iterator[Metric]:
+        """The families as they are now; the registry calls this at each scrape."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    def render(self) -> str:
-        return self.registry.render()
+        info = GaugeMetricFamily(
+            "trio_bridge_build_info", "The trio-bridge version, as a label.", labels=["version"]
+        )
+        info.add_metric([_version()], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "trio_bridge_sessions_open", "WebSocket sessions relaying now.", value=len(self._open)
+        )
+        yield CounterMetricFamily(
+            "trio_bridge_sessions_total",
+            "WebSocket sessions opened (handshake done, target connected).",
+            value=self.sessions,
+        )
+        live = self._open.values()
+        up = self._closed_up + sum(stats.bytes_up for stats in live)
+        down = self._closed_down + sum(stats.bytes_down for stats in live)
+        yield labelled(
+            CounterMetricFamily(
+                "trio_bridge_bytes_total",
+                "Payload bytes relayed, by direction (live sessions included).",
+                labels=["direction"],
+            ),
+            [(("client_to_target",), up), (("target_to_client",), down)],
+        )
+        yield labelled(
+            CounterMetricFamily(
+                "trio_bridge_handshake_failures_total",
+                "Connections that ended before a session opened, by reason.",
+                labels=["reason"],
+            ),
+            [((reason,), count) for reason, count in self.handshake_failures.items()],
+        )
+        yield labelled(
+            CounterMetricFamily(
+                "trio_bridge_sessions_closed_total",
+                "Sessions ended, by WebSocket close code (3xxx/4xxx bucketed) and who closed.",
+                labels=["code", "closed_by"],
+            ),
+            self.closes.items(),
+        )
+        yield CounterMetricFamily(
+            "trio_bridge_recording_gaps_total",
+            "Gaps in session recordings: GAP records, each for frames the recorder dropped.",
+            value=self.recording_gaps,
+        )
+        yield CounterMetricFamily(
+            "trio_bridge_recording_lost_bytes_total",
+            "Payload bytes relayed but dropped from session recordings (at their gaps).",
+            value=self.recording_lost_bytes,
+        )
 
 
 # -- the /metrics endpoint --------------------------------------------------------------
@@ -349,7 +204,7 @@ class MetricsServer:
     whoever can reach that address, whatever the public port serves.
     """
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._slots = trio.CapacityLimiter(MAX_CONCURRENT_SCRAPES)
         self.address = ""
@@ -360,8 +215,6 @@ class MetricsServer:
         *,
         task_status: trio.TaskStatus[MetricsServer] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        from .listeners import accept_forever, describe
-
         listener.setblocking(False)
         self.address = describe(listener)
         log.info("metrics on http://%s/metrics", self.address)
@@ -404,6 +257,8 @@ class MetricsServer:
                 self._slots.release()
 
     def _answer(self, request: Request) -> Response:
+        from prometheus_client import generate_latest  # loaded with the registry already
+
         head = request.method == "HEAD"
         if split_target(request.path)[0] != "/metrics":
             return text_response(
@@ -413,7 +268,7 @@ class MetricsServer:
             return method_not_allowed(request.method)
         return http_response(
             HTTPStatus.OK,
-            self.registry.render().encode(),
+            generate_latest(self.registry),
             content_type=CONTENT_TYPE,
             headers=[("Cache-Control", "no-store")],
             head=head,
@@ -421,20 +276,17 @@ class MetricsServer:
 
 
 async def read_request(stream: trio.abc.ReceiveStream) -> Request | None:
-    """One HTTP request head parsed by websockets (its line and header limits apply);
-    None when the client sends something else or goes away."""
-    reader = StreamReader()
-    parser = Request.parse(reader.read_line)
-    try:
-        while True:
-            next(parser)
-            data = await stream.receive_some(4096)
-            if data:
-                reader.feed_data(data)
-            else:
-                reader.feed_eof()
-    except StopIteration as done:
-        request: Request = done.value
-        return request
-    except Exception:  # EOFError, SecurityError, ValueError, ...: not a request we answer
-        return None
+    """One HTTP request head, parsed by websockets' sans-I/O ``ServerProtocol`` as on the
+    WebSocket port (its line and header limits apply); None when the client sends
+    something else or goes away, and the caller closes the connection."""
+    protocol = ServerProtocol(logger=WEBSOCKETS_LOG)
+    while protocol.handshake_exc is None:
+        data = await stream.receive_some(4096)
+        if data:
+            protocol.receive_data(data)
+        else:
+            protocol.receive_eof()  # sets handshake_exc: the request is incomplete
+        for event in protocol.events_received():
+            if isinstance(event, Request):
+                return event
+    return None

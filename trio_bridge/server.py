@@ -30,6 +30,7 @@ from .auth import gates_for
 from .channel import ClientChannel, ClientGone
 from .config import Config, ConfigError
 from .handshake import (
+    HandshakeFailure,
     Refusal,
     decide_response,
     new_protocol,
@@ -40,7 +41,7 @@ from .handshake import (
 from .limits import AddressLimiter, Handshake, HandshakeBudget
 from .listeners import ACCEPT_RETRY, accept_forever
 from .logs import RateLimitedLog, escape
-from .metrics import BridgeMetrics, refusal_kind
+from .metrics import BridgeMetrics
 from .netio import close_socket, drain_until_eof, peer_name
 from .observe import ObserverFactory, SessionInfo, SessionObserver
 from .routing import (
@@ -261,13 +262,13 @@ class Bridge:
         peer = peer_name(sock)
         admission = self.address_limits.admit(sock, peer)  # logs its own refusals
         if isinstance(admission, HttpRefusal):
-            self.metrics.handshake_failed("address_limit")
+            self.metrics.handshake_failed(HandshakeFailure.ADDRESS_LIMIT)
             await self._refuse(sock, admission)
             return
         limit = self.config.limits.max_connections
         if self.connections >= limit and not self._handshakes.evict_oldest():
             admission.release()
-            self.metrics.handshake_failed("connection_limit")
+            self.metrics.handshake_failed(HandshakeFailure.CONNECTION_LIMIT)
             self._refusals.log(
                 "connection_limit",
                 "client %s: refused with 503: connection limit (%d) reached",
@@ -291,7 +292,11 @@ class Bridge:
             if handshake.scope.cancelled_caught:
                 self._handshake_ended(handshake, peer)
         except (ClientGone, TlsFailure) as exc:
-            self.metrics.handshake_failed("client_gone" if isinstance(exc, ClientGone) else "tls")
+            self.metrics.handshake_failed(
+                HandshakeFailure.CLIENT_GONE
+                if isinstance(exc, ClientGone)
+                else HandshakeFailure.TLS
+            )
             self._handshake_log.log(
                 str(exc), "client %s: connection failed during the handshake: %s", peer, exc
             )
@@ -309,7 +314,7 @@ class Bridge:
     def _handshake_ended(self, handshake: Handshake, peer: str) -> None:
         """Log a handshake that ran out of time or was evicted for a newer one."""
         if handshake.evicted:
-            self.metrics.handshake_failed("evicted")
+            self.metrics.handshake_failed(HandshakeFailure.EVICTED)
             self._handshake_log.log(
                 "evicted",
                 "client %s: handshake not completed, closed to make room for a new "
@@ -318,7 +323,7 @@ class Bridge:
                 self._handshakes.limit,
             )
         else:
-            self.metrics.handshake_failed("timeout")
+            self.metrics.handshake_failed(HandshakeFailure.TIMEOUT)
             self._handshake_log.log(
                 "timeout",
                 "client %s: handshake not completed within %g s",
@@ -338,7 +343,7 @@ class Bridge:
             incident,
             exc_info=exc,
         )
-        self.metrics.handshake_failed("internal_error")
+        self.metrics.handshake_failed(HandshakeFailure.INTERNAL_ERROR)
         if channel is None:
             return
         protocol = channel.protocol
@@ -375,12 +380,12 @@ class Bridge:
         if speaks_tls:
             return StreamTransport(await self.tls.handshake(sock))
         if speaks_tls is None:
-            self.metrics.handshake_failed("client_gone")
+            self.metrics.handshake_failed(HandshakeFailure.CLIENT_GONE)
             log.info("client %s: closed the connection before sending anything", peer)
             return None
         if not self.tls.requires_tls:
             return SocketTransport(sock)
-        self.metrics.handshake_failed("plain_on_ssl_only")
+        self.metrics.handshake_failed(HandshakeFailure.PLAIN_ON_SSL_ONLY)
         if self.tls.ssl_only:
             log.warning("client %s: refused with 400: plain connection on --ssl-only", peer)
             reason = "This port accepts only TLS: use wss:// (or https://)."
@@ -439,7 +444,7 @@ class Bridge:
         request = await receive_request(channel)
         self._handshakes.leave(handshake)
         if isinstance(request, Refusal):
-            self.metrics.handshake_failed(refusal_kind(request))
+            self.metrics.handshake_failed(request.kind)
             key = f"{request.kind} {request.status}"
             self._handshake_log.log(key, "client %s: %s", peer, request.reason)
             await channel.linger_and_close(limits.close_timeout)
@@ -468,7 +473,7 @@ class Bridge:
                 log.exception("client %s: checking the request failed", peer)
                 response = protocol.reject(500, "Internal error while checking the request\n")
         if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
-            self.metrics.handshake_failed(f"http_{response.status_code}")
+            self.metrics.handshake_failed(response.status_code)
             await self._answer_http(channel, request, response)
             return
 
@@ -476,7 +481,7 @@ class Bridge:
         try:
             target = await connect(address, limits.connect_timeout, tls=self.target_tls)
         except TargetUnavailable as exc:
-            self.metrics.handshake_failed("target_unavailable")
+            self.metrics.handshake_failed(HandshakeFailure.TARGET_UNAVAILABLE)
             # Accept first so that a browser can show the reason: it never sees HTTP errors.
             protocol.send_response(response)
             protocol.send_close(INTERNAL_ERROR, fit_reason(str(exc)))
