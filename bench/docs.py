@@ -85,9 +85,11 @@ def _recording_note(meta: dict[str, Any], results: dict[str, Any]) -> list[str]:
         f"In the `--record` rows the ratio is {TRIO} recording on / off (its own rows "
         "above, same rounds); the recordings went to a temporary folder in "
         f"{meta.get('recording_dir', 'an unrecorded folder')}, each deleted once written. "
-        "The recorder never makes the relay wait: it drops what it cannot write (the gap "
-        "is marked in the file); the share rows say how much of each bulk session the "
-        "recording kept (see docs/recording-format.md, Performance).",
+        "The recorder never makes the relay wait: unpaced, a bulk session outruns the "
+        "disk and the recording drops (and marks) what its buffer cannot hold; the share "
+        "rows say how much it kept. The recorder's target, everything kept at 200 MiB/s, "
+        "is measured by `python -m bench.recording_load` (docs/recording-format.md, "
+        "Performance).",
     ]
 
 

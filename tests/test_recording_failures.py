@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ from trio_bridge.recording import (
     open_recording,
 )
 from trio_bridge.recording import writer as writer_module
+from trio_bridge.recording.format import HEADER_SIZE, EndRecord, Kind, Meta
+from trio_bridge.recording.writer import SessionWriter
 
 from .test_recording_support import (
     ProcessLog,
@@ -50,7 +52,7 @@ MESSAGE = bytes(range(256)) * 256  # 64 KiB
 
 
 async def start_recording_bridge(
-    nursery: trio.Nursery, folder: Path, target: TcpAddress, **recorder_options: int
+    nursery: trio.Nursery, folder: Path, target: TcpAddress, **recorder_options: Any
 ) -> tuple[str, Recorder]:
     recorder: Recorder = await nursery.start(Recorder(folder, **recorder_options).run)
     listener = socket.socket()
@@ -69,9 +71,16 @@ async def relay_messages(url: str, count: int) -> None:
             assert await receive_bytes(ws, len(MESSAGE)) == MESSAGE
 
 
-def check_accounting(recording: LoadedRecording, relayed_each_way: int) -> None:
+def check_accounting(
+    recording: LoadedRecording, relayed_each_way: int, gaps: list[tuple[int, int]] | None = None
+) -> None:
     """Recorded plus lost is everything relayed, each way: the data and the 2-byte
-    payload of the close frame (gap counts cover frames of every kind)."""
+    payload of the close frame (gap counts cover frames of every kind). ``gaps``: what
+    the recorder's ``on_gap`` was called with, which must add up to the GAP records."""
+    if gaps is not None:
+        assert gaps and all(frames > 0 for frames, _ in gaps), gaps
+        assert sum(f for f, _ in gaps) == sum(g.total_frames for g in recording.gaps)
+        assert sum(b for _, b in gaps) == sum(g.total_bytes for g in recording.gaps)
     for direction in Direction:
         recorded = sum(len(f.payload) for f in recording.frames(direction))
         lost = sum(
@@ -96,7 +105,10 @@ async def test_a_stalled_disk_never_stalls_the_session(
 
     monkeypatch.setattr(writer_module.RecordingFile, "append", stalled_append)
     target = await start_tcp_target(nursery, scripted_target(greeting=b""))
-    url, recorder = await start_recording_bridge(nursery, tmp_path, target, buffer_limit=1 << 20)
+    gaps: list[tuple[int, int]] = []
+    url, recorder = await start_recording_bridge(
+        nursery, tmp_path, target, buffer_limit=1 << 20, on_gap=lambda *gap: gaps.append(gap)
+    )
     try:
         with trio.fail_after(20):
             await relay_messages(url, 64)  # 4 MiB each way through a 1 MiB buffer
@@ -107,32 +119,25 @@ async def test_a_stalled_disk_never_stalls_the_session(
     recording = load_recording(path)
     assert recording.status.outcome is Outcome.COMPLETE
     assert recording.gaps and "buffer full" in recording.gaps[0].reason
-    check_accounting(recording, 64 * len(MESSAGE))
+    check_accounting(recording, 64 * len(MESSAGE), gaps)
     assert any("recording buffer full" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_disk_full_from_the_first_write_still_gives_a_readable_file(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The first write (META) fails: the retry at the end writes META, GAP and END.
-
-    Whichever call makes the first write fails: ``pwritev`` (small batches) or
-    ``pwrite`` (large batches staged for O_DIRECT, when the thread woke late).
-    """
+    """The first write (META) fails: the retry at the end writes META, GAP and END."""
     calls = 0
+    real = os.pwritev
 
-    def full_once(real: Callable[..., int]) -> Callable[..., int]:
-        def write(*args: Any) -> int:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return real(*args)
+    def full_once(*args: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args)
 
-        return write
-
-    monkeypatch.setattr(writer_module.os, "pwritev", full_once(os.pwritev))
-    monkeypatch.setattr(writer_module.os, "pwrite", full_once(os.pwrite))
+    monkeypatch.setattr(os, "pwritev", full_once)
     target = await start_tcp_target(nursery, scripted_target(greeting=b""))
     url, recorder = await start_recording_bridge(nursery, tmp_path, target)
     with trio.fail_after(10):
@@ -162,21 +167,71 @@ def tiny_filesystem(where: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-async def test_a_full_disk_leaves_the_session_running_and_the_gap_marked(
+def fill(path: Path) -> None:
+    """Take every byte left on the file system holding ``path``."""
+    with open(path, "wb", buffering=0) as filler:
+        for size in (1 << 16, 1 << 12, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    filler.write(bytes(size))
+
+
+async def test_a_disk_that_stays_full_still_ends_the_file_with_gap_and_end(
     nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with tiny_filesystem(tmp_path / "small", "200k") as folder:
+    """A real full disk (a 1 MiB tmpfs) that never frees up: 2 MiB each way fill it,
+    then another file takes the last byte. The session runs on, and the file ends with
+    GAP and END (cut back if need be, see the next test); on_gap counted every loss."""
+    with tiny_filesystem(tmp_path / "small", "1m") as folder:
         target = await start_tcp_target(nursery, scripted_target(greeting=b""))
-        url, recorder = await start_recording_bridge(nursery, folder, target)
+        gaps: list[tuple[int, int]] = []
+        url, recorder = await start_recording_bridge(
+            nursery, folder, target, on_gap=lambda *gap: gaps.append(gap)
+        )
         with trio.fail_after(20):
-            await relay_messages(url, 32)  # 2 MiB each way onto 200 KiB
+            async with connect(url, max_size=None, ping_interval=None) as ws:
+                for _ in range(32):
+                    await ws.send(MESSAGE)
+                    assert await receive_bytes(ws, len(MESSAGE)) == MESSAGE
+                await trio.to_thread.run_sync(fill, folder / "filler")
             (path,) = await recorder.wait_finished(1)
         recording = load_recording(path)
-    assert recording.gaps, recording.status.describe()
-    assert "No space left on device" in recording.gaps[0].reason
-    check_accounting(recording, 32 * len(MESSAGE))
+    assert recording.status.complete, recording.status.describe()
+    assert isinstance(recording.records[-2], GapRecord)
+    assert "No space left on device" in recording.records[-2].reason
+    check_accounting(recording, 32 * len(MESSAGE), gaps)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("cannot write recording" in e and "No space left" in e for e in errors)
+
+
+def test_a_full_disk_cuts_records_back_to_make_room_for_gap_and_end(tmp_path: Path) -> None:
+    """The file ends on a page boundary of a tmpfs with not a byte left: the last batch
+    fails whole, and the last records are cut away until GAP and END fit; the GAP
+    counts them, and what the writer reports for on_gap adds up to it."""
+    with tiny_filesystem(tmp_path / "small", "1m") as folder:
+        path = folder / "x.tbrec"
+        meta = Meta("c07bac00", "c:1", "t:2", "/", None, 0.0)
+        writer = SessionWriter("c07bac00", path, (Kind.META, 0, 0, meta.encode()))
+        assert writer.write([(Kind.BINARY, 0x03, i, bytes(3000)) for i in range(5)]) == []
+        assert writer.file is not None
+        pad = -(writer.file.size + HEADER_SIZE) % 4096
+        assert writer.write([(Kind.BINARY, 0x01, 9, bytes(pad))]) == []
+        assert writer.file.size % 4096 == 0
+        fill(folder / "filler")
+        end = EndRecord(20, 1000, "target closed the connection", "bridge")
+        last = [(Kind.BINARY, 0x03, 10, bytes(100)), (Kind.END, 0, 20, end.encode())]
+        gaps = writer.write(last)
+        writer.finish()
+        recording = load_recording(path)
+    assert recording.status.complete, recording.status.describe()
+    gap = recording.records[-2]
+    assert isinstance(gap, GapRecord) and "records cut to make room" in gap.reason
+    assert "No space left on device" in gap.reason
+    kept = [f.payload for f in recording.frames()]
+    cut = 6 - len(kept)
+    assert cut >= 1 and kept == [bytes(3000)] * len(kept)  # the newest went first
+    assert gap.total_frames == cut + 1 and gaps == [(gap.total_frames, gap.total_bytes)]
+    assert gap.bytes_up + gap.bytes_down == 100 + pad + 3000 * (cut - 1)
 
 
 def _limit_file_size() -> None:
@@ -209,6 +264,7 @@ async def test_a_file_size_limit_in_a_bridge_process_is_survived_and_marked(
         print(await log.until_closed())  # shown when the test fails
     assert b"cannot write recording" in log.text and b"File too large" in log.text
     recording = load_recording(_only_recording(tmp_path))
+    assert recording.status.complete, recording.status.describe()
     assert recording.gaps and "File too large" in recording.gaps[0].reason
     check_accounting(recording, 32 * len(MESSAGE))
 
@@ -238,11 +294,8 @@ async def test_a_recording_survives_kill_9_mid_session(
     """What was readable before ``kill -9`` is readable after, and every byte kept is
     the byte the session relayed at that place, the dropped ones counted by GAP records.
 
-    The default ``--record-priority relay`` drops frames whenever the writer falls
-    behind (16 pipes of spliced data fill in 16 round trips), so the kept bytes are
-    not always a prefix of the session: this test used to assume they were and failed
-    on a busy machine. ``stalled`` makes the drops certain: the disk stalls until the
-    buffer overflowed, and the kill waits until the GAP record and frames of both
+    ``stalled``: the disk stalls until the session's buffer overflowed (the one case
+    frames are dropped), and the kill waits until the GAP record and frames of both
     directions after it are on disk.
     """
     folder = tmp_path / "recordings"

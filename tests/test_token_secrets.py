@@ -223,7 +223,7 @@ async def test_a_path_token_reaches_no_log_line_and_no_recording(
     folder = tmp_path / "recordings"
     folder.mkdir()
     with trio.fail_after(10):
-        recorder = await nursery.start(Recorder(folder, relay_first=False).run)
+        recorder = await nursery.start(Recorder(folder).run)
         running.bridge.observers = recorder
         url = f"ws://127.0.0.1:{running.port}/vnc/Tok-A1b2?password=Pw-E5f6"
         async with connect(url, subprotocols=["binary"]) as ws:

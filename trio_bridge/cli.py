@@ -33,7 +33,6 @@ from .config import (
     parse_host_port,
 )
 from .logs import EscapeControlCharacters
-from .recording import default_folder
 from .service import run
 from .systemd import LOG_DESTINATIONS, log_handler
 from .wrap import WrapMode, split_command, wrap_config
@@ -178,38 +177,18 @@ def build_parser() -> OneLineParser:
     add_web_wrap_metrics_arguments(parser)
     parser.add_argument(
         "--record",
-        nargs="?",
-        const="",
+        type=Path,
         metavar="DIR",
-        help="record every session to its own file in DIR (default: $STATE_DIRECTORY under "
-        "systemd, else ./recordings); see docs/recording-format.md",
+        help="record every session to its own file in DIR (e.g. . under systemd: the "
+        "state directory); see docs/recording-format.md",
     )
     parser.add_argument(
         "--record-priority",
         choices=("relay", "recording"),
-        default="relay",
-        help="when the relay is CPU-bound: 'relay' (default) keeps its rate and the "
-        "recording drops what it cannot keep (marked as gaps); 'recording' writes every "
-        "frame the recording buffer holds, slowing the relay",
+        help="deprecated, no effect: recordings keep everything the disk takes",
     )
     _add_security_arguments(parser, defaults)
     return parser
-
-
-def record_folder(args: argparse.Namespace) -> Path | None:
-    """``--record``'s folder; ``--record 6080 host:port`` means the default folder, since
-    argparse hands the source address to an option whose value is optional."""
-    value: str | None = args.record
-    if not value:
-        return None if value is None else default_folder()
-    try:
-        parse_host_port(value, "--record", default_host=DEFAULT_LISTEN_HOST)
-    except ConfigError:
-        return Path(value)
-    if Path(value).is_dir():
-        return Path(value)
-    args.endpoints.insert(0, value)
-    return default_folder()
 
 
 def add_web_wrap_metrics_arguments(parser: argparse.ArgumentParser) -> None:
@@ -416,7 +395,6 @@ def _security_fields(args: argparse.Namespace) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace, *, sockets_inherited: bool = False) -> Config:
     """``sockets_inherited``: systemd passed the listening sockets, so the listen address
     may be left out (and is not used when given)."""
-    record = record_folder(args)
     endpoints: list[str] = list(args.endpoints)
     if args.target_config and not args.token_plugin:
         args.token_plugin, args.token_source = "TokenFile", args.target_config
@@ -497,8 +475,7 @@ def config_from_args(args: argparse.Namespace, *, sockets_inherited: bool = Fals
         health_path=args.health_path or None,
         wrap=wrap,
         metrics_listen=metrics,
-        record=record,
-        record_priority=args.record_priority,
+        record=args.record,
         **_security_fields(args),
     )
 
@@ -537,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args, sockets_inherited=inherited is not None)
     except ConfigError as exc:
         parser.error(str(exc))
+    if args.record_priority is not None:  # to be removed in the next minor version
+        log.warning(
+            "--record-priority is deprecated and has no effect: recordings keep "
+            "every frame unless the disk falls behind"
+        )
     if inherited is not None and inherited.listening(Role.WSS) and config.tls is None:
         print("trio-bridge: a socket named 'wss' needs --cert (and --key)", file=sys.stderr)
         return 1

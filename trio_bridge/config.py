@@ -153,10 +153,6 @@ class Config:
     # --record: one file per session in this folder (docs/recording-format.md). The CLI
     # runs the recorder; an embedding program passes observers=Recorder(...) to Bridge.
     record: Path | None = None
-    # --record-priority: "relay" (the default) lets the recording drop what it cannot
-    # keep up with while the relay is CPU-bound; "recording" keeps every frame the
-    # buffer can hold, at the relay's expense.
-    record_priority: str = "relay"
 
     def __post_init__(self) -> None:
         if isinstance(self.target, UnixAddress) and not self.target.path:
@@ -167,10 +163,6 @@ class Config:
                 raise ConfigError(f"--unix-listen: folder {parent} does not exist")
         if self.unix_listen_mode is not None and not isinstance(self.listen, UnixAddress):
             raise ConfigError("--unix-listen-mode needs --unix-listen")
-        if self.record_priority not in ("relay", "recording"):
-            raise ConfigError(
-                f"--record-priority: 'relay' or 'recording', not {self.record_priority!r}"
-            )
         _check_web_and_wrap(self)
         _check_security_options(self)
 

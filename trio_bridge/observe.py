@@ -6,10 +6,10 @@ Data from the target is reported as the binary frame that carried it to the clie
 Callbacks are synchronous and must not block: an observer that needs I/O buffers
 and does it elsewhere, because the relay waits for nobody.
 
-On plain TCP without compression the bridge splices bulk target data to the client
-without reading it (:mod:`trio_bridge.zerocopy`). An observer that implements
-:class:`SplicedDataObserver` is shown those bytes in the pipe, to copy with tee(2);
-for any other observer the session relays through Python so ``on_frame`` sees them.
+An observed session relays target data through Python, so that ``on_frame`` sees
+every byte: only unobserved sessions splice bulk data to the client without reading it
+(:mod:`trio_bridge.zerocopy`). Recording a session costs it the zero-copy path, which
+matters only at rates far above what a recorded session (a VNC screen: 1-10 MB/s) needs.
 
 An observer's failure is its own: the first exception it raises is logged with its
 traceback and the observer is detached, seeing no more frames of that session, while
@@ -44,16 +44,6 @@ class SessionObserver(Protocol):
     def on_frame(self, direction: Direction, frame: Frame) -> None: ...
 
     def on_end(self, close_code: int | None, close_reason: str, closed_by: str) -> None: ...
-
-
-class SplicedDataObserver(SessionObserver, Protocol):
-    def on_spliced_data(self, pipe: int, length: int) -> None:
-        """``length`` bytes of target data wait in the pipe whose read end is ``pipe``,
-        to be sent to the client next as one final binary frame.
-
-        Called before they are sent; copy them without consuming them (tee(2)).
-        """
-        ...
 
 
 class ObserverFactory(Protocol):

@@ -1,10 +1,8 @@
-"""Kernel pipes for splice(2) and tee(2): created non-blocking, enlarged, and reused.
+"""Kernel pipes for the zero-copy relay's splice(2): created non-blocking, enlarged, reused.
 
-Both the zero-copy relay (socket -> pipe -> socket) and the recorder (a tee(2) of the
-same pipe, drained into the recording file by the recording thread) move data through
-pipes. Creating a pipe costs two system calls and an ``F_SETPIPE_SZ``; a pool keeps a
-few empty ones. A pipe that may still hold data is closed rather than pooled, so a
-pooled pipe is always empty.
+Creating a pipe costs two system calls and an ``F_SETPIPE_SZ``; a pool keeps a few
+empty ones. A pipe that may still hold data is closed rather than pooled, so a pooled
+pipe is always empty. Only the event loop uses it (one thread: no lock).
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import threading
 
 #: The size pipes are enlarged to: the default ``/proc/sys/fs/pipe-max-size``.
 PIPE_SIZE = 1024 * 1024
@@ -22,24 +19,21 @@ Pipe = tuple[int, int]  # (read end, write end)
 
 
 class PipePool:
-    """Empty pipes to reuse; safe to use from the event loop and the recording thread.
+    """Empty pipes to reuse.
 
     Pipes are enlarged to PIPE_SIZE (1 MiB) so that one frame carries up to 1 MiB: with
     64 KiB pipes the per-chunk Python and system-call cost ate the gain of not copying.
     The kernel caps the pages a user's pipes may hold (fs.pipe-user-pages-soft, 64 MiB
-    by default); past that a pipe keeps its default size, which is slower but still
-    correct (a tee(2) into it may fall short, which the recorder counts as a loss).
+    by default); past that a pipe keeps its default size, which is slower but correct.
     """
 
     def __init__(self, keep: int = 16) -> None:
         self._free: list[Pipe] = []
         self._keep = keep
-        self._lock = threading.Lock()
 
     def take(self) -> Pipe:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
+        if self._free:
+            return self._free.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         with contextlib.suppress(OSError):  # capped by /proc/sys/fs/pipe-max-size
             fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
@@ -47,11 +41,10 @@ class PipePool:
 
     def give_back(self, pipe: Pipe) -> None:
         """Return an empty pipe."""
-        with self._lock:
-            if len(self._free) < self._keep:
-                self._free.append(pipe)
-                return
-        self.discard(pipe)
+        if len(self._free) < self._keep:
+            self._free.append(pipe)
+        else:
+            self.discard(pipe)
 
     @staticmethod
     def discard(pipe: Pipe) -> None:
@@ -60,5 +53,5 @@ class PipePool:
         os.close(pipe[1])
 
 
-#: The process's pool, shared by the relay and the recorder.
+#: The process's pool.
 PIPES = PipePool()

@@ -113,9 +113,7 @@ async def start_ws_bridge(nursery: trio.Nursery) -> StartBridge:
         config = _config(_address(target), options)
         recorder = None
         if record is not None:
-            # Every frame: a test wants the whole session, and its own client shares
-            # the event loop, which keeps the loop busy during any bulk transfer.
-            recorder = await nursery.start(Recorder(record, relay_first=False).run)
+            recorder = await nursery.start(Recorder(record).run)
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
         listener.listen(128)

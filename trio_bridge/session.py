@@ -59,7 +59,12 @@ SMALL_FRAME = 16 * 1024  # up to this payload size, header and payload go out as
 INFLATE_SLICE = 4 * 1024
 MAX_CLOSE_REASON = 123  # bytes of UTF-8 in a close frame (RFC 6455 5.5: 125 - the code)
 
-NORMAL, GOING_AWAY, ABNORMAL, INTERNAL_ERROR, INVALID_DATA = 1000, 1001, 1006, 1011, 1007
+NORMAL, GOING_AWAY, ABNORMAL = (
+    CloseCode.NORMAL_CLOSURE,
+    CloseCode.GOING_AWAY,
+    CloseCode.ABNORMAL_CLOSURE,
+)
+INTERNAL_ERROR, INVALID_DATA = CloseCode.INTERNAL_ERROR, CloseCode.INVALID_DATA
 DATA_OPCODES = (Opcode.BINARY, Opcode.TEXT, Opcode.CONT)
 
 
@@ -256,7 +261,8 @@ class Session:
 
     async def _target_to_client(self) -> None:
         try:
-            if self.config.zero_copy and SpliceDownstream.usable(self):
+            # An observer (the recorder) must see every byte: observed sessions relay framed.
+            if self.config.zero_copy and self.observer is None and SpliceDownstream.usable(self):
                 await SpliceDownstream(self).run()
             else:
                 await self._target_to_client_framed()

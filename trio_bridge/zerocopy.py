@@ -7,10 +7,9 @@ the header (with ``MSG_MORE`` so header and payload leave in one segment). This 
 the CPU per byte relayed downstream, the direction that carries a VNC screen.
 
 Only used when nothing has to transform the payload: no permessage-deflate and no
-TLS. Pipes come from a small process-wide pool (:mod:`trio_bridge.pipes`) and are
-held only while a chunk is in flight, so idle sessions cost no extra file
-descriptors. A recording observer gets each chunk before it is sent, to tee(2) it
-(:mod:`trio_bridge.recording.pipes`), so recording keeps this path.
+TLS; and the session chooses it only when nothing observes it (a recorder must see
+the bytes). Pipes come from a small process-wide pool (:mod:`trio_bridge.pipes`) and
+are held only while a chunk is in flight, so idle sessions cost no extra descriptors.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import trio
 from websockets.protocol import OPEN
@@ -30,7 +29,6 @@ from .pipes import PIPE_SIZE, PIPES
 log = logging.getLogger("trio_bridge.zerocopy")
 
 if TYPE_CHECKING:
-    from .observe import SplicedDataObserver
     from .session import Session
 
 CHUNK = PIPE_SIZE
@@ -62,7 +60,6 @@ class SpliceDownstream:
     def usable(session: Session) -> bool:
         return (
             hasattr(os, "splice")
-            and (session.observer is None or hasattr(session.observer, "on_spliced_data"))
             and not session.protocol.extensions
             and session.channel.transport.raw is not None
             and session.target.raw is not None
@@ -125,10 +122,7 @@ class SpliceDownstream:
         """Write one frame: header from Python, payload from the pipe, under the write lock.
 
         Returns False, sending nothing, once a close frame has gone out: no data frame
-        may follow it (RFC 6455 5.5.1). The observer is shown each frame as its sending
-        starts (the pipe's bytes are gone once spliced), as the framed path does; if it
-        raises, it is detached and the frame goes out all the same (tee(2) consumes
-        nothing from the pipe).
+        may follow it (RFC 6455 5.5.1).
         """
         session = self.session
         channel = session.channel
@@ -137,12 +131,6 @@ class SpliceDownstream:
         async with channel.write_turn:
             if session.protocol.state is not OPEN:
                 return False
-            if session.observer is not None:
-                observer = cast("SplicedDataObserver", session.observer)
-                try:
-                    observer.on_spliced_data(pipe[0], n)
-                except Exception:
-                    session.observer_failed("on_spliced_data")
             await channel.send_raw(binary_frame_header(n), more=True)
             left = n
             while left:

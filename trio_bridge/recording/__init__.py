@@ -28,10 +28,10 @@ from .reader import (
 )
 from .recorder import (
     DEFAULT_BUFFER_LIMIT,
+    GapCallback,
     Recorder,
     RecordingFolderError,
     SessionRecorder,
-    default_folder,
     open_recorder,
     recorder_for,
     recording_name,
@@ -45,6 +45,7 @@ __all__ = [
     "EndRecord",
     "FormatError",
     "FrameRecord",
+    "GapCallback",
     "GapRecord",
     "Kind",
     "LoadedRecording",
@@ -57,7 +58,6 @@ __all__ = [
     "RecordingFolderError",
     "RecordingReader",
     "SessionRecorder",
-    "default_folder",
     "load_recording",
     "open_recorder",
     "open_recording",

@@ -1,13 +1,14 @@
-"""The session recording format, version 2: the specification in code.
+"""The session recording format, version 3: the specification in code.
 
 docs/recording-format.md is the prose twin of this module; change both together.
 
 A recording is a 12-byte prelude followed by records::
 
     prelude   8s  magic  b"\\x89TBR\\r\\n\\x1a\\n"   (PNG-style: catches text-mode mangling)
-              u16 version (2), u16 reserved (0)          big-endian
-    record    u32 header_crc   CRC-32 of the next 14 header bytes
+              u16 version (3), u16 reserved (0)          big-endian
+    record    u32 header_crc   CRC-32 of the next 18 header bytes
               u32 length       payload length in bytes
+              u32 payload_crc  CRC-32 of the payload
               u64 time_us      microseconds since the session started (monotonic clock)
               u8  kind         see :class:`Kind`
               u8  flags        FIN (0x01), DOWN (0x02: target->client; clear: client->target)
@@ -15,14 +16,16 @@ A recording is a 12-byte prelude followed by records::
 
 Why this shape: every record can be checked on its own, so a file cut at any byte (a
 killed process, a full disk, a reader racing the writer) reads up to its last complete
-record, and the header has its own checksum so a damaged length can never send a
-reader off allocating or seeking into garbage. 18 bytes per record is 0.03 % of a
-64 KiB message. Records are appended in batches, never rewritten.
+record; the header has its own checksum so a damaged length can never send a reader
+off allocating or seeking into garbage, and the payload's checksum catches a payload
+damaged in place (a bad sector, a torn write after a power loss). 22 bytes per record
+is 0.03 % of a 64 KiB message. Records are appended in batches, never rewritten.
 
-Version 1 (read, no longer written) had a 22-byte header with a CRC-32 of the payload
-after ``length``. Version 2 dropped it: bulk target data is recorded with tee(2) and
-splice(2) and never enters the bridge's memory, where a checksum would cost a copy
-and the CPU the relay needs (docs/recording-format.md, "Why no payload checksum").
+Versions 1 and 2 are still read. Version 1 is this layout under another number.
+Version 2 had an 18-byte header without ``payload_crc``: it was written while bulk
+target data was recorded with tee(2) and never entered the bridge's memory; recorded
+sessions now relay through Python, and the checksum came back (computed in the
+writer's thread, which zlib runs without the GIL).
 
 The first record is always :attr:`Kind.META` (JSON), then frames in the order the
 bridge saw them, :attr:`Kind.GAP` (JSON) wherever events could not be recorded, and
@@ -42,15 +45,15 @@ from typing import Any, NamedTuple
 from ..observe import Direction
 
 MAGIC = b"\x89TBR\r\n\x1a\n"
-VERSION = 2
+VERSION = 3
 FORMAT_NAME = "trio-bridge-recording"
 FILE_SUFFIX = ".tbrec"
 
 PRELUDE = struct.Struct(">8sHH")
 _CRC = struct.Struct(">I")
-_HEADER_REST = struct.Struct(">IQBB")  # length, time_us, kind, flags
-HEADER_SIZE = _CRC.size + _HEADER_REST.size  # 18
-_V1_HEADER_REST = struct.Struct(">IIQBB")  # length, payload_crc, time_us, kind, flags
+_HEADER_REST = struct.Struct(">IIQBB")  # length, payload_crc, time_us, kind, flags
+HEADER_SIZE = _CRC.size + _HEADER_REST.size  # 22
+_V2_HEADER_REST = struct.Struct(">IQBB")  # length, time_us, kind, flags
 
 FLAG_FIN = 0x01
 FLAG_DOWN = 0x02
@@ -91,7 +94,7 @@ class RecordHeader(NamedTuple):
     time_us: int
     kind: int
     flags: int
-    payload_crc: int | None = None  # version 1 only
+    payload_crc: int | None = None  # None in version 2
 
 
 # -- encoding ---------------------------------------------------------------------------
@@ -101,9 +104,12 @@ def encode_prelude() -> bytes:
     return PRELUDE.pack(MAGIC, VERSION, 0)
 
 
-def encode_header(kind: int, flags: int, time_us: int, length: int) -> bytes:
-    """The 18-byte header of a record whose ``length``-byte payload follows it unchanged."""
-    rest = _HEADER_REST.pack(length, time_us, kind, flags)
+def encode_header(kind: int, flags: int, time_us: int, payload: bytes) -> bytes:
+    """The 22-byte header of a record whose ``payload`` follows it unchanged.
+
+    Checksumming a large payload releases the GIL (zlib does for more than 5 KiB), so
+    the writer's thread costs the relay little here."""
+    rest = _HEADER_REST.pack(len(payload), zlib.crc32(payload), time_us, kind, flags)
     return _CRC.pack(zlib.crc32(rest)) + rest
 
 
@@ -124,7 +130,8 @@ def check_prelude(data: bytes) -> HeaderLayout:
         raise FormatError(len(data), "the file ends inside the 12-byte prelude")
     _, version, _ = PRELUDE.unpack(data)
     if version not in LAYOUTS:  # the versions this reader knows; it writes VERSION
-        known = " and ".join(str(v) for v in sorted(LAYOUTS))
+        *first, last = sorted(LAYOUTS)
+        known = ", ".join(map(str, first)) + f" and {last}"
         raise FormatError(
             8,
             f"recording format version {version} is not supported (this reader knows "
@@ -158,13 +165,14 @@ class HeaderLayout:
 
 
 LAYOUTS = {
-    1: HeaderLayout(1, _V1_HEADER_REST, has_payload_crc=True),
-    2: HeaderLayout(2, _HEADER_REST, has_payload_crc=False),
+    1: HeaderLayout(1, _HEADER_REST, has_payload_crc=True),
+    2: HeaderLayout(2, _V2_HEADER_REST, has_payload_crc=False),
+    3: HeaderLayout(3, _HEADER_REST, has_payload_crc=True),
 }
 
 
 def check_payload(header: RecordHeader, payload: bytes, offset: int) -> None:
-    """Version 1 files carry a payload checksum; check it where there is one."""
+    """Versions 1 and 3 carry a payload checksum; check it where there is one."""
     if header.payload_crc is not None and zlib.crc32(payload) != header.payload_crc:
         raise FormatError(offset, "record payload fails its checksum (damaged file)")
 

@@ -5,16 +5,20 @@ per session.
 
     recorder = Recorder("recordings")
     async with trio.open_nursery() as nursery:
-        await nursery.start(recorder.run)          # checks the folder, hosts the writers
+        await nursery.start(recorder.run)          # checks the folder, hosts the writing
         bridge = await nursery.start(Bridge(config, observers=recorder).serve)
         ...
     # or: async with open_recorder("recordings") as recorder: ...
 
 Each session gets a :class:`SessionRecorder` (the observer, called synchronously by the
-relay) and a :class:`~trio_bridge.recording.writer.SessionWriter` served by the
-recorder's one :class:`~trio_bridge.recording.writer.RecordingThread`; the two share a
-bounded :class:`~trio_bridge.recording.buffer.EventBuffer`, so the relay never waits
-for the disk. Finished files are synced and closed by tasks in the recorder's nursery.
+relay), which queues records in a bounded
+:class:`~trio_bridge.recording.buffer.EventBuffer`, and a task in the recorder's nursery
+that hands each batch to a worker thread
+(:class:`~trio_bridge.recording.writer.SessionWriter`), so the relay never waits for
+the disk. The threads come from Trio's pool, one batch at a time for the whole recorder
+(a dedicated :class:`trio.CapacityLimiter`): a bridge's recordings share one disk, and
+a busy VNC session writes 1-10 MB/s. Everything is recorded unless the disk falls
+behind a session by a whole buffer.
 """
 
 from __future__ import annotations
@@ -25,9 +29,8 @@ import logging
 import os
 import re
 import tempfile
-import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,16 +42,25 @@ from websockets.frames import Frame
 from .. import __version__
 from ..config import Config, StartupError
 from ..observe import Direction, SessionInfo
-from .buffer import EventBuffer
-from .format import FILE_SUFFIX, FLAG_DOWN, FLAG_FIN, EndRecord, Kind, Meta, frame_flags
-from .pipes import tee_chunk
-from .writer import RecordingThread, SessionWriter
+from .buffer import Entry, EventBuffer
+from .format import FILE_SUFFIX, EndRecord, Kind, Meta, frame_flags
+from .writer import SessionWriter
 
 log = logging.getLogger("trio_bridge.recording")
 
 DEFAULT_BUFFER_LIMIT = 8 << 20  # per session
 DEFAULT_DRAIN_TIMEOUT = 10.0
-DEFAULT_FOLDER = "recordings"
+#: The writing task hands over a batch at once when this much is queued; with less it
+#: waits :data:`FLUSH_DELAY` first, so that a session of small messages costs one
+#: hand-off to the worker thread per batch rather than per frame.
+BATCH_BYTES = 256 << 10
+FLUSH_DELAY = 0.005
+#: The most a batch takes from a session's buffer (it counts against the buffer until
+#: written): a quarter of the default buffer keeps room for what arrives meanwhile.
+BATCH_MAX = 2 << 20
+
+#: ``on_gap(frames, bytes)``: called on the Trio thread for each gap marked in a recording.
+GapCallback = Callable[[int, int], None]
 
 
 class RecordingFolderError(StartupError):
@@ -101,14 +113,6 @@ def file_system_type(folder: Path) -> str | None:
     return kind
 
 
-def default_folder(environ: Mapping[str, str] = os.environ) -> Path:
-    """``$STATE_DIRECTORY`` under systemd (``StateDirectory=``), else ``./recordings``."""
-    state = environ.get("STATE_DIRECTORY", "")
-    if state:
-        return Path(state.split(":")[0])
-    return Path(DEFAULT_FOLDER)
-
-
 _UNSAFE = re.compile(r"[^A-Za-z0-9.]+")
 
 
@@ -132,7 +136,6 @@ def options_from_config(config: Config) -> dict[str, Any]:
     return {
         "compression": config.compression,
         "limits": dataclasses.asdict(config.limits),
-        "record_priority": config.record_priority,
     }
 
 
@@ -154,37 +157,15 @@ class SessionRecorder:
         if type(data) is not bytes:
             data = bytes(data)  # the relay may reuse its buffer once we return
         flags = frame_flags(direction, frame.fin)
-        if not self.buffer.put(int(frame.opcode), flags, self._now_us(), data):
-            self._warn_full()
-
-    def on_spliced_data(self, pipe: int, length: int) -> None:
-        """Target data about to be spliced to the client: tee(2) it into a pipe of its own."""
-        if self.buffer.closed:  # the recording was given up: no pipe to spend on it
-            return
-        flags = FLAG_DOWN | FLAG_FIN
-        if not self.buffer.room_for_pipe(length):
-            self.buffer.lose(flags, self._now_us(), length)
-            self._warn_full()
-            return
-        chunk = tee_chunk(pipe, length)
-        if isinstance(chunk, str):
-            self.buffer.lose(flags, self._now_us(), length, chunk)
-            self._warn_once(f"cannot record spliced target data: {chunk}")
-        elif not self.buffer.put(Kind.BINARY, flags, self._now_us(), chunk):
-            self._warn_full()
-
-    def _warn_full(self) -> None:
-        self._warn_once(
-            f"recording buffer full ({self.buffer.limit} bytes): dropping events until "
-            "the disk catches up"
-        )
-
-    def _warn_once(self, what: str) -> None:
-        """The first loss of a session is worth a line; the counts come at its end."""
-        if not self._warned:
+        if not self.buffer.put(int(frame.opcode), flags, self._now_us(), data) and not self._warned:
+            # The first loss of a session is worth a line; the counts come at its end.
             self._warned = True
             log.warning(
-                "session %s: %s; the gap is marked in %s", self.info.session_id, what, self.path
+                "session %s: recording buffer full (%d bytes): dropping events until the "
+                "disk catches up; the gap is marked in %s",
+                self.info.session_id,
+                self.buffer.limit,
+                self.path,
             )
 
     def on_end(self, close_code: int | None, close_reason: str, closed_by: str) -> None:
@@ -197,6 +178,9 @@ class Recorder:
 
     ``run()`` must be running (in a nursery) while sessions open; it returns after
     :meth:`close` once every recording is written, or ``drain_timeout`` later.
+    ``on_gap(frames, bytes)`` is called (on the Trio thread) each time a GAP record is
+    written, with the frames and payload bytes it newly marks as missing, and once for
+    losses a recording had to end without marking (a disk with no room even for them).
     """
 
     def __init__(
@@ -206,68 +190,54 @@ class Recorder:
         options: Mapping[str, Any] | None = None,
         buffer_limit: int = DEFAULT_BUFFER_LIMIT,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
-        relay_first: bool = True,
+        on_gap: GapCallback | None = None,
     ) -> None:
         self.folder = Path(folder)
-        #: While the relay is CPU-bound the writer backs off (see relay_first.py); False
-        #: writes every frame the buffer holds instead, at the relay's expense.
-        self.relay_first = relay_first
         self.options = dict(options or {})
         self.buffer_limit = buffer_limit
         self.drain_timeout = drain_timeout
-        #: Recordings whose writer is done with them (complete, or given up on), in the
-        #: order they finished.
+        self.on_gap = on_gap
+        #: Recordings whose writing is done (complete, or given up on), in the order
+        #: they finished.
         self.finished: list[Path] = []
         self._nursery: trio.Nursery | None = None
-        self._thread: RecordingThread | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._writers: set[SessionWriter] = set()  # until their file is closed
+        self._limiter = trio.CapacityLimiter(1)  # one batch written at a time
+        self._writing = 0  # sessions whose recording is not finished
         self._closing = trio.Event()
         self._changed = trio.Event()
 
     async def run(
         self, *, task_status: trio.TaskStatus[Recorder] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Check the folder (raising :class:`RecordingFolderError`), then run the writing."""
+        """Check the folder (raising :class:`RecordingFolderError`), then host the writing."""
         self.folder = await trio.to_thread.run_sync(check_folder, self.folder)
         log.info("recording sessions to %s", self.folder)
-        self._token = trio.lowlevel.current_trio_token()
-        loop_thread = threading.get_native_id() if self.relay_first else None
-        thread = RecordingThread(self._thread_finished, loop_thread)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._thread = thread
-                thread.start()
                 task_status.started(self)
                 await self._closing.wait()
                 with trio.move_on_after(self.drain_timeout):
-                    while self._writers:
+                    while self._writing:
                         await self._wait_change()
-                if self._writers:
+                if self._writing:
                     log.warning(
                         "%d recording(s) still being written after %g s; stopping them",
-                        len(self._writers),
+                        self._writing,
                         self.drain_timeout,
                     )
-                thread.stop(abandon=True)
-                with trio.move_on_after(self.drain_timeout):
-                    while self._writers:  # the abandoned files get closed
-                        await self._wait_change()
+                nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
-            thread.stop(abandon=True)
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(thread.join, self.drain_timeout)
 
     def close(self) -> None:
         """Finish: ``run()`` returns when the open recordings are written."""
         self._closing.set()
 
     def open(self, info: SessionInfo) -> SessionRecorder | None:
-        thread = self._thread
-        if self._nursery is None or thread is None:
-            log.warning("session %s: not recorded: the recorder is not running", info.session_id)
+        if self._nursery is None or self._closing.is_set():
+            why = "is stopping" if self._closing.is_set() else "is not running"
+            log.warning("session %s: not recorded: the recorder %s", info.session_id, why)
             return None
         path = self.folder / recording_name(info)
         meta = Meta(
@@ -280,15 +250,10 @@ class Recorder:
             options=self.options,
             writer=f"trio-bridge {__version__}",
         )
-        meta_entry = (Kind.META, 0, 0, meta.encode())
-        buffer = EventBuffer(
-            self.buffer_limit, thread.condition, lambda urgent: thread.ready(writer, urgent)
-        )
-        writer = SessionWriter(info.session_id, path, meta_entry, buffer)
-        if self._closing.is_set() or not thread.add(writer):
-            log.warning("session %s: not recorded: the recorder is stopping", info.session_id)
-            return None
-        self._writers.add(writer)
+        buffer = EventBuffer(self.buffer_limit)
+        writer = SessionWriter(info.session_id, path, (Kind.META, 0, 0, meta.encode()))
+        self._writing += 1
+        self._nursery.start_soon(self._write_session, writer, buffer)
         log.debug("session %s: recording to %s", info.session_id, path)
         return SessionRecorder(info, path, buffer)
 
@@ -298,33 +263,51 @@ class Recorder:
             await self._wait_change()
         return self.finished[:count]
 
-    def _thread_finished(self, writer: SessionWriter) -> None:
-        """Called in the recording thread: hand the file to the event loop to close."""
-        token = self._token
+    async def _write_session(self, writer: SessionWriter, buffer: EventBuffer) -> None:
+        """Hand the session's batches to a worker thread until its END is written."""
+        entries: list[Entry] = []  # the first write creates the file with its META record
+        abandoned = False
         try:
-            assert token is not None
-            token.run_sync_soon(self._close_soon, writer)
-        except trio.RunFinishedError:
-            writer.finish()  # no event loop left to do it
+            while True:
+                try:
+                    gaps = await trio.to_thread.run_sync(
+                        writer.write, entries, limiter=self._limiter, abandon_on_cancel=True
+                    )
+                except trio.Cancelled:
+                    # Shutdown past drain_timeout: a stalled disk must not hold up the
+                    # process, so the write is left to finish alone, with its file.
+                    abandoned = True
+                    raise
+                buffer.written()
+                for frames, size in gaps:
+                    self._report_gap(frames, size)
+                if writer.finished:
+                    break
+                await buffer.wait()
+                if not buffer.closed and buffer.queued < BATCH_BYTES:
+                    await trio.sleep(FLUSH_DELAY)
+                entries = buffer.take(BATCH_MAX)
+        except Exception:  # a bug must not end the recorder, and every other recording
+            log.exception("session %s: recording failed", writer.session_id)
+        finally:
+            buffer.closed = True  # puts after this are ignored: nobody would write them
+            if not abandoned:
+                writer.abandon()
+                with trio.CancelScope(shield=True):  # what was written is synced and closed
+                    await trio.to_thread.run_sync(writer.finish)
+            writer.report(buffer.dropped)
+            self._writing -= 1
+            if writer.file is not None:
+                self.finished.append(writer.path)
+            self._changed.set()
 
-    def _close_soon(self, writer: SessionWriter) -> None:
-        if self._nursery is None:  # run() is on its way out: close here, unsynced
-            writer.finish(sync=False)
-            self._closed(writer)
+    def _report_gap(self, frames: int, size: int) -> None:
+        if self.on_gap is None or not (frames or size):
             return
-        self._nursery.start_soon(self._close_file, writer)
-
-    async def _close_file(self, writer: SessionWriter) -> None:
-        # Shielded: a recording that was written is also synced and closed.
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(writer.finish)
-        self._closed(writer)
-
-    def _closed(self, writer: SessionWriter) -> None:
-        self._writers.discard(writer)
-        if writer.file is not None:
-            self.finished.append(writer.path)
-        self._changed.set()
+        try:
+            self.on_gap(frames, size)
+        except Exception:  # the caller's bug: the recording goes on
+            log.exception("the recorder's on_gap callback failed")
 
     async def _wait_change(self) -> None:
         changed = self._changed
@@ -358,12 +341,8 @@ async def open_recorder(folder: str | Path, **kwargs: Any) -> AsyncIterator[Reco
         yield recorder
 
 
-def recorder_for(config: Config) -> Recorder | None:
+def recorder_for(config: Config, on_gap: GapCallback | None = None) -> Recorder | None:
     """The recorder ``config.record`` asks for (not yet running), or None."""
     if config.record is None:
         return None
-    return Recorder(
-        config.record,
-        options=options_from_config(config),
-        relay_first=config.record_priority == "relay",
-    )
+    return Recorder(config.record, options=options_from_config(config), on_gap=on_gap)
