@@ -10,10 +10,37 @@ The embedding API::
         print(bridge.listen_addresses)
 """
 
-from .config import Config, ConfigError, Limits, TcpAddress, UnixAddress
-from .server import Bridge, serve
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .config import Config, ConfigError, Limits, TcpAddress, UnixAddress
+    from .server import Bridge, serve
+
+# Imported on first use: pytest imports trio_bridge.pytest_plugin (and so this package)
+# in every run wherever trio-bridge is installed, and the server pulls in ~40 modules.
+_HOME = {
+    "Bridge": "server",
+    "serve": "server",
+    "Config": "config",
+    "ConfigError": "config",
+    "Limits": "config",
+    "TcpAddress": "config",
+    "UnixAddress": "config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Bridge",

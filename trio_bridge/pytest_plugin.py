@@ -24,30 +24,34 @@ fixture                    gives
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import pytest
-import trio
 
-from .config import Address, Config, Limits, TcpAddress, UnixAddress
-from .recording import Recorder
-from .replay import ReplayServer
-from .server import Bridge
+# pytest imports this module in every run wherever trio-bridge is installed, used or not:
+# nothing heavier than pytest here. The bridge, the recorder and the replay server are
+# imported by the fixtures that start them (tests/test_plugin_import.py checks).
+if TYPE_CHECKING:
+    from pathlib import Path
 
-TargetLike = Address | tuple[str, int] | str
+    import trio
+
+    from .config import Address, Config, TcpAddress
+    from .recording import Recorder
+    from .replay import ReplayServer
+    from .server import Bridge
+
+TargetLike = Union["Address", tuple[str, int], str]  # a string: Union, not |
 
 
-@dataclass
 class RunningBridge:
     """A bridge serving on ``127.0.0.1:port`` for the rest of the test."""
 
-    bridge: Bridge
-    port: int
-    recorder: Recorder | None = None
+    def __init__(self, bridge: Bridge, port: int, recorder: Recorder | None = None) -> None:
+        self.bridge = bridge
+        self.port = port
+        self.recorder = recorder
 
     @property
     def url(self) -> str:
@@ -60,8 +64,11 @@ class RunningBridge:
         return await self.recorder.wait_finished(count)
 
 
-def _address(target: TargetLike) -> Address:
-    if isinstance(target, TcpAddress | UnixAddress):
+def _address(target: TargetLike | None) -> Address | None:
+    """None: no fixed target, for a bridge that routes by token (``tokens=...``)."""
+    from .config import TcpAddress, UnixAddress
+
+    if target is None or isinstance(target, TcpAddress | UnixAddress):
         return target
     if isinstance(target, tuple):
         return TcpAddress(*target)
@@ -69,8 +76,12 @@ def _address(target: TargetLike) -> Address:
     return TcpAddress(host.strip("[]"), int(port))
 
 
-def _config(target: Address, options: dict[str, Any]) -> Config:
+def _config(target: Address | None, options: dict[str, Any]) -> Config:
     """``Limits`` fields and ``Config`` fields may be mixed in one set of keywords."""
+    from dataclasses import fields, replace
+
+    from .config import Config, Limits
+
     limit_names = {f.name for f in fields(Limits)}
     limits = replace(Limits(), **{k: v for k, v in options.items() if k in limit_names})
     rest = {k: v for k, v in options.items() if k not in limit_names}
@@ -78,6 +89,8 @@ def _config(target: Address, options: dict[str, Any]) -> Config:
 
 
 async def _echo(stream: trio.SocketStream) -> None:
+    import trio
+
     try:
         async for chunk in stream:
             await stream.send_all(chunk)
@@ -88,6 +101,10 @@ async def _echo(stream: trio.SocketStream) -> None:
 @pytest.fixture
 async def tcp_echo_target(nursery: trio.Nursery) -> TcpAddress:
     """A TCP server on 127.0.0.1 that sends back everything it receives."""
+    import trio
+
+    from .config import TcpAddress
+
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     nursery.start_soon(trio.serve_listeners, _echo, listeners)
@@ -106,9 +123,13 @@ async def start_ws_bridge(nursery: trio.Nursery) -> StartBridge:
     :class:`~trio_bridge.Config` or :class:`~trio_bridge.Limits` field
     (``heartbeat=5``, ``max_message_size=1 << 16``, ``compression=True``, ...).
     """
+    import socket
+
+    from .recording import Recorder
+    from .server import Bridge
 
     async def start(
-        target: TargetLike, *, record: str | Path | None = None, **options: Any
+        target: TargetLike | None, *, record: str | Path | None = None, **options: Any
     ) -> RunningBridge:
         config = _config(_address(target), options)
         recorder = None
@@ -116,7 +137,7 @@ async def start_ws_bridge(nursery: trio.Nursery) -> StartBridge:
             recorder = await nursery.start(Recorder(record).run)
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
-        listener.listen(128)
+        listener.listen(4096)  # a test may open thousands of sessions at once
         port = listener.getsockname()[1]
         bridge: Bridge = await nursery.start(Bridge(config, observers=recorder).serve, [listener])
         return RunningBridge(bridge, port, recorder)
@@ -137,7 +158,7 @@ async def ws_bridge_url(start_ws_bridge: StartBridge, ws_bridge_target: TargetLi
     return running.url
 
 
-StartReplay = Callable[..., Awaitable[ReplayServer]]
+StartReplay = Callable[..., Awaitable["ReplayServer"]]
 
 
 @pytest.fixture
@@ -148,6 +169,7 @@ async def start_replay_server(nursery: trio.Nursery) -> StartReplay:
     ``delay=False``, ``lockstep=True``, ... Its ``reports`` (and ``await
     server.wait_reports(n)``) tell whether the client sent what the recording has.
     """
+    from .replay import ReplayServer
 
     async def start(recording: str | Path, **options: Any) -> ReplayServer:
         server = ReplayServer(recording, **options)
