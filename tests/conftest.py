@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from typing import Any
 
 import pytest
 import trio
 
-from trio_bridge import Bridge, Config, Limits, TcpAddress
-from trio_bridge.config import Address
+from trio_bridge import TcpAddress
+from trio_bridge.pytest_plugin import RunningBridge as RunningBridge  # tests import it from here
+from trio_bridge.pytest_plugin import StartBridge
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -74,31 +74,15 @@ def loopback_listener() -> socket.socket:
     return sock
 
 
-class RunningBridge:
-    def __init__(self, bridge: Bridge, port: int) -> None:
-        self.bridge = bridge
-        self.port = port
-        self.url = f"ws://127.0.0.1:{port}/"
-
-
-BridgeStarter = Callable[..., Awaitable[RunningBridge]]
+# The bridge fixtures are the pytest plugin's (trio_bridge.pytest_plugin): the project's
+# tests use what it offers client authors, under the names they have always had here.
+BridgeStarter = StartBridge
 
 
 @pytest.fixture
-async def start_bridge(nursery: trio.Nursery) -> BridgeStarter:
+def start_bridge(start_ws_bridge: StartBridge) -> StartBridge:
     """``await start_bridge(target, **limits_or_config_fields)`` -> a bridge on a free port."""
-
-    async def start(target: Address, **options: Any) -> RunningBridge:
-        limit_fields = set(Limits.__dataclass_fields__)
-        limits = replace(Limits(), **{k: v for k, v in options.items() if k in limit_fields})
-        rest = {k: v for k, v in options.items() if k not in limit_fields}
-        config = Config(target=target, limits=limits, **rest)
-        listener = loopback_listener()
-        port = listener.getsockname()[1]
-        bridge: Bridge = await nursery.start(Bridge(config).serve, [listener])
-        return RunningBridge(bridge, port)
-
-    return start
+    return start_ws_bridge
 
 
 @pytest.fixture
@@ -125,6 +109,7 @@ from websockets.frames import Close, Frame, Opcode  # noqa: E402
 from websockets.http11 import Response  # noqa: E402
 from websockets.streams import StreamReader  # noqa: E402
 from websockets.trio.client import ClientConnection, connect  # noqa: E402
+from websockets.typing import Subprotocol  # noqa: E402
 
 WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455's sample key
 
@@ -236,7 +221,7 @@ async def check_echo(ws: ClientConnection, payload: bytes) -> None:
 @asynccontextmanager
 async def healthy_session(url: str) -> AsyncGenerator[ClientConnection]:
     """A session opened before the test body and checked to still relay after it."""
-    async with connect(url, subprotocols=["binary"]) as ws:
+    async with connect(url, subprotocols=[Subprotocol("binary")]) as ws:
         await check_echo(ws, b"healthy before")
         yield ws
         await check_echo(ws, b"healthy after")
