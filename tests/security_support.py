@@ -126,7 +126,9 @@ async def tls_echo_target(pki: Pki) -> AsyncIterator[TcpTarget]:
         listeners = await trio.open_ssl_over_tcp_listeners(
             0, context, host="127.0.0.1", https_compatible=True
         )
-        port = listeners[0].transport_listener.socket.getsockname()[1]
+        transport = listeners[0].transport_listener
+        assert isinstance(transport, trio.SocketListener)
+        port = transport.socket.getsockname()[1]
         target.address = TcpAddress("127.0.0.1", port)
 
         async def serve_one(stream: trio.SSLStream[trio.SocketStream]) -> None:

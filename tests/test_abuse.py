@@ -7,6 +7,7 @@ from collections import Counter
 
 import trio
 from websockets.trio.client import connect
+from websockets.typing import Subprotocol
 
 from trio_bridge.limits import AddressLimiter, Admission
 from trio_bridge.routing import HttpRefusal
@@ -140,7 +141,9 @@ async def test_a_thousand_hostile_connections_do_not_stop_other_clients(
 
                 # The global limit (100) is far away: a neighbour is served meanwhile.
                 stream = await open_from(running.port, NEIGHBOUR)
-                async with connect(running.url, stream=stream, subprotocols=["binary"]) as ws:
+                async with connect(
+                    running.url, stream=stream, subprotocols=[Subprotocol("binary")]
+                ) as ws:
                     await check_echo(ws, b"neighbour during the slowloris")
 
                 for stream in idle:
@@ -158,7 +161,7 @@ async def test_a_thousand_hostile_connections_do_not_stop_other_clients(
                         flood.start_soon(worker, 20)
                     neighbour = await open_from(running.port, NEIGHBOUR)
                     async with connect(
-                        running.url, stream=neighbour, subprotocols=["binary"]
+                        running.url, stream=neighbour, subprotocols=[Subprotocol("binary")]
                     ) as ws:
                         await check_echo(ws, b"neighbour during the flood")
                 for status, has_retry_after in results:

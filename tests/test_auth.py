@@ -91,7 +91,7 @@ async def test_origin_allowlist(
         for origin in ("https://vnc.example.com", "https://desk1.lab.example", "HTTPS://VNC.example.com:443"):
             async with connect(running.url, origin=origin) as ws:  # type: ignore[arg-type]
                 await check_echo(ws, origin.encode())
-        for origin in (
+        for refused in (
             None,
             "https://evil.example",
             "http://vnc.example.com",
@@ -101,8 +101,8 @@ async def test_origin_allowlist(
             "https://vnc.example.com.evil.example",
             "null",
         ):
-            status, _ = await status_of(running, Origin=origin)
-            assert status == 403, origin
+            status, _ = await status_of(running, Origin=refused)
+            assert status == 403, refused
         await bridge_log.wait_for("Origin 'https://evil.example' is not allowed")
     assert echo_target.accepted == 3
 
@@ -129,9 +129,9 @@ async def test_client_certificate_names(
             async with connect(url, ssl=pki.client_context(cert=cert)) as ws:
                 await check_echo(ws, b"certified")
         mallory = pki.ca.issue_cert("mallory.example", common_name="mallory")
-        for cert in (mallory, None):
+        for unaccepted in (mallory, None):
             with pytest.raises(Exception, match="403"):  # websockets' InvalidStatus
-                async with connect(url, ssl=pki.client_context(cert=cert)):
+                async with connect(url, ssl=pki.client_context(cert=unaccepted)):
                     pass
         await bridge_log.wait_for("client certificate", "mallory", "is not accepted")
         status, _ = await status_of(running)  # plain ws://: no certificate at all

@@ -96,7 +96,8 @@ class Program:
                 with trio.move_on_after(5):
                     await self.process.wait()
             _signal_group(self.process.pid, signal.SIGKILL)
-            return await self.process.wait()
+            status = await self.process.wait()
+        return status  # outside: to mypy a cancel scope may swallow an exception
 
 
 def _signal_group(pgid: int, signum: int) -> None:
@@ -320,7 +321,8 @@ class DevTools:
 def page_socket(devtools_port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{devtools_port}/json", timeout=10) as reply:
         targets = json.loads(reply.read())
-    return next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+    url: str = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+    return url
 
 
 CANVAS = "document.querySelector('#noVNC_container canvas')"

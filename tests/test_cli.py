@@ -17,6 +17,7 @@ import trio
 import trustme
 from websockets.exceptions import ConnectionClosed
 from websockets.trio.client import connect, unix_connect
+from websockets.typing import Subprotocol
 
 from .conftest import TcpTarget, check_echo, echo, free_port
 
@@ -89,7 +90,9 @@ async def test_starts_relays_and_exits_0_on_signal(
     with trio.fail_after(20):
         async with cli(str(port), str(echo_target.address)) as bridge:
             await bridge.wait_for_line(rf"listening on 127\.0\.0\.1:{port}\b")
-            async with connect(f"ws://127.0.0.1:{port}/", subprotocols=["binary"]) as ws:
+            async with connect(
+                f"ws://127.0.0.1:{port}/", subprotocols=[Subprotocol("binary")]
+            ) as ws:
                 assert ws.subprotocol == "binary"
                 await check_echo(ws, b"through a real process")
             await bridge.wait_for_line(r"session \w+ ended: .*close=1000")
@@ -105,7 +108,9 @@ async def test_sigterm_closes_open_sessions_1001_after_grace(echo_target: TcpTar
     with trio.fail_after(20):
         async with cli("--shutdown-grace", "0.3", str(port), str(echo_target.address)) as bridge:
             await bridge.wait_for_line("listening on")
-            async with connect(f"ws://127.0.0.1:{port}/", subprotocols=["binary"]) as ws:
+            async with connect(
+                f"ws://127.0.0.1:{port}/", subprotocols=[Subprotocol("binary")]
+            ) as ws:
                 await check_echo(ws, b"open")
                 bridge.process.send_signal(signal.SIGTERM)
                 with pytest.raises(ConnectionClosed) as info:
@@ -208,9 +213,9 @@ async def test_unix_sockets_end_to_end(
                 assert listening[1] == f"unix:{listen_path}"
                 assert listen_path.is_socket()
             client = (
-                unix_connect(str(listen_path), subprotocols=["binary"])
+                unix_connect(str(listen_path), subprotocols=[Subprotocol("binary")])
                 if unix in ("listen", "both")
-                else connect(f"ws://127.0.0.1:{port}/", subprotocols=["binary"])
+                else connect(f"ws://127.0.0.1:{port}/", subprotocols=[Subprotocol("binary")])
             )
             async with client as ws:
                 for size in (1, 125, 70_000):
@@ -256,7 +261,9 @@ async def test_a_second_signal_ends_the_drain_at_once(
     with trio.fail_after(20):
         async with cli("--shutdown-grace", "60", str(port), str(echo_target.address)) as bridge:
             await bridge.wait_for_line("listening on")
-            async with connect(f"ws://127.0.0.1:{port}/", subprotocols=["binary"]) as ws:
+            async with connect(
+                f"ws://127.0.0.1:{port}/", subprotocols=[Subprotocol("binary")]
+            ) as ws:
                 await check_echo(ws, b"open")
                 bridge.process.send_signal(first)
                 await bridge.wait_for_line(r"shutting down: 1 connection\(s\) open")

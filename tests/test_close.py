@@ -15,6 +15,7 @@ import trio
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close, Opcode
 from websockets.trio.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 from trio_bridge import Bridge, Config, Limits, TcpAddress, UnixAddress
 
@@ -76,7 +77,7 @@ async def test_target_eof_closes_1000(
     target = await start_target(echo_once_then_close)
     running = await start_bridge(target.address, zero_copy=zero_copy)
     with trio.fail_after(10):
-        async with connect(running.url, subprotocols=["binary"]) as ws:
+        async with connect(running.url, subprotocols=[Subprotocol("binary")]) as ws:
             await check_echo(ws, b"one")
             await ws.send(b"two")
             close = await closed_with(ws)
@@ -90,7 +91,7 @@ async def test_target_reset_closes_1011(
     target = await start_target(echo_once_then_reset)
     running = await start_bridge(target.address, zero_copy=zero_copy)
     with trio.fail_after(10):
-        async with connect(running.url, subprotocols=["binary"]) as ws:
+        async with connect(running.url, subprotocols=[Subprotocol("binary")]) as ws:
             await check_echo(ws, b"one")
             await ws.send(b"two")
             close = await closed_with(ws)
@@ -109,7 +110,7 @@ async def test_unreachable_tcp_target_opens_then_closes_1011(
         stream = await trio.open_tcp_stream("127.0.0.1", running.port)
         host, local_port = stream.socket.getsockname()[:2]
         address = f"{host}:{local_port}"
-        async with connect(running.url, stream=stream, subprotocols=["binary"]) as ws:
+        async with connect(running.url, stream=stream, subprotocols=[Subprotocol("binary")]) as ws:
             assert ws.subprotocol == "binary"  # the handshake succeeded
             close = await closed_with(ws)
     reason = f"target 127.0.0.1:{port} refused the connection"
@@ -138,7 +139,7 @@ async def test_client_close_frame_gives_target_eof_within_1s(
 ) -> None:
     running = await start_bridge(echo_target.address)
     with trio.fail_after(10):
-        async with connect(running.url, subprotocols=["binary"]) as ws:
+        async with connect(running.url, subprotocols=[Subprotocol("binary")]) as ws:
             await check_echo(ws, b"hello")
             await ws.aclose(1000, "bye")
             with trio.fail_after(1):
@@ -175,7 +176,7 @@ async def test_idle_session_closed_1001(
 ) -> None:
     running = await start_bridge(echo_target.address, idle_timeout=0.5)
     with trio.fail_after(10):
-        async with connect(running.url, subprotocols=["binary"]) as ws:
+        async with connect(running.url, subprotocols=[Subprotocol("binary")]) as ws:
             await check_echo(ws, b"hello")
             idle_since = trio.current_time()
             close = await closed_with(ws)
@@ -190,7 +191,7 @@ async def test_traffic_keeps_idle_session_open(
 ) -> None:
     running = await start_bridge(echo_target.address, idle_timeout=0.5)
     with trio.fail_after(10):
-        async with connect(running.url, subprotocols=["binary"]) as ws:
+        async with connect(running.url, subprotocols=[Subprotocol("binary")]) as ws:
             started = trio.current_time()
             for i in range(12):  # 1.2 s of traffic, more than twice the idle timeout
                 await check_echo(ws, b"tick %d" % i)
@@ -204,7 +205,7 @@ async def test_session_time_limit_closes_1001_despite_traffic(
 ) -> None:
     running = await start_bridge(echo_target.address, session_timeout=0.5)
     with trio.fail_after(10):
-        async with connect(running.url, subprotocols=["binary"]) as ws:
+        async with connect(running.url, subprotocols=[Subprotocol("binary")]) as ws:
             started = trio.current_time()
             with pytest.raises(ConnectionClosed) as info:
                 for i in range(1_000_000):  # busy session: never idle
@@ -226,7 +227,10 @@ async def test_heartbeat_kept_alive_by_a_client_that_answers_pings(
     try:
         with trio.fail_after(10):
             async with connect(
-                running.url, subprotocols=["binary"], ping_interval=None, logger=client_log
+                running.url,
+                subprotocols=[Subprotocol("binary")],
+                ping_interval=None,
+                logger=client_log,
             ) as ws:
                 await check_echo(ws, b"hello")
                 # four pings received and answered: more than three heartbeat intervals
@@ -271,11 +275,11 @@ async def test_third_connection_over_max_connections_gets_503(
     running = await start_bridge(echo_target.address, max_connections=2)
     with trio.fail_after(10):
         async with (
-            connect(running.url, subprotocols=["binary"]) as first,
-            connect(running.url, subprotocols=["binary"]) as second,
+            connect(running.url, subprotocols=[Subprotocol("binary")]) as first,
+            connect(running.url, subprotocols=[Subprotocol("binary")]) as second,
         ):
             with pytest.raises(InvalidStatus) as info:
-                async with connect(running.url, subprotocols=["binary"]):
+                async with connect(running.url, subprotocols=[Subprotocol("binary")]):
                     pass
             assert info.value.response.status_code == 503
             await bridge_log.wait_for("503", "limit")
@@ -310,7 +314,7 @@ async def test_shutdown_closes_sessions_1001_after_grace_and_serve_returns(
             running = await outer.start(serve_then_mark)
 
             async def session(task_status: trio.TaskStatus[None]) -> None:
-                async with connect(running.url, subprotocols=["binary"]) as ws:
+                async with connect(running.url, subprotocols=[Subprotocol("binary")]) as ws:
                     await check_echo(ws, b"open")
                     task_status.started()
                     close = await closed_with(ws)
@@ -335,7 +339,7 @@ async def test_shutdown_refuses_new_connections_at_once(
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             running = await _start_own_bridge(nursery, echo_target, shutdown_grace=3)
-            async with connect(running.url, subprotocols=["binary"]) as ws:
+            async with connect(running.url, subprotocols=[Subprotocol("binary")]) as ws:
                 await check_echo(ws, b"open")
                 running.bridge.request_shutdown()
                 await bridge_log.wait_for("shutting down")
@@ -353,7 +357,7 @@ async def test_shutdown_returns_as_soon_as_sessions_end(echo_target: TcpTarget) 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             running = await _start_own_bridge(nursery, echo_target, shutdown_grace=30)
-            async with connect(running.url, subprotocols=["binary"]) as ws:
+            async with connect(running.url, subprotocols=[Subprotocol("binary")]) as ws:
                 await check_echo(ws, b"open")
                 running.bridge.request_shutdown()
             asked = trio.current_time()
@@ -371,7 +375,7 @@ async def test_session_end_log_line_has_client_target_bytes_duration_code(
     payloads = [b"a" * 1000, b"b" * 70_000, b"c"]
     total = sum(map(len, payloads))
     with trio.fail_after(10):
-        async with connect(running.url, subprotocols=["binary"]) as ws:
+        async with connect(running.url, subprotocols=[Subprotocol("binary")]) as ws:
             address = client_address(ws)
             for payload in payloads:
                 await ws.send(payload)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 from websockets.trio.client import connect
+from websockets.typing import Subprotocol
 
 from trio_bridge import TcpAddress
 from trio_bridge.pytest_plugin import StartBridge, StartReplay
@@ -19,7 +20,7 @@ from trio_bridge.recording import load_recording
 
 async def test_my_client_through_a_bridge_to_an_echo_service(ws_bridge_url: str) -> None:
     with trio.fail_after(10):
-        async with connect(ws_bridge_url, subprotocols=["binary"]) as ws:
+        async with connect(ws_bridge_url, subprotocols=[Subprotocol("binary")]) as ws:
             assert ws.subprotocol == "binary"
             await ws.send(b"\x00\x01hello")
             assert await ws.recv() == b"\x00\x01hello"
@@ -52,7 +53,7 @@ async def replay_recording(
     """A recording of a short session with the echo service, made by a recording bridge."""
     running = await start_ws_bridge(tcp_echo_target, record=tmp_path, idle_timeout=30)
     with trio.fail_after(10):
-        async with connect(running.url, subprotocols=["binary"]) as ws:
+        async with connect(running.url, subprotocols=[Subprotocol("binary")]) as ws:
             for word in (b"one", b"two", b"three"):
                 await ws.send(word)
                 assert await ws.recv() == word
@@ -69,7 +70,7 @@ async def test_the_recording_has_the_session(replay_recording: Path) -> None:
 
 async def test_my_client_against_a_recorded_session(replay_server_url: str) -> None:
     with trio.fail_after(10):
-        async with connect(replay_server_url, subprotocols=["binary"]) as ws:
+        async with connect(replay_server_url, subprotocols=[Subprotocol("binary")]) as ws:
             for word in (b"one", b"two", b"three"):
                 await ws.send(word)
                 assert await ws.recv() == word
@@ -80,7 +81,7 @@ async def test_the_replay_server_tells_whether_my_client_behaved(
 ) -> None:
     server = await start_replay_server(replay_recording, lockstep=True, speed=10)
     with trio.fail_after(10):
-        async with connect(server.url, subprotocols=["binary"]) as ws:
+        async with connect(server.url, subprotocols=[Subprotocol("binary")]) as ws:
             for word in (b"one", b"TWO", b"three"):
                 await ws.send(word)
                 await ws.recv()

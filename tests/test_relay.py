@@ -8,6 +8,7 @@ import random
 import pytest
 import trio
 from websockets.trio.client import connect
+from websockets.typing import Subprotocol
 
 from trio_bridge.zerocopy import binary_frame_header
 
@@ -16,7 +17,7 @@ from .conftest import BridgeStarter, RunningBridge, TcpTarget
 
 async def test_binary_subprotocol_selected_and_echoed(bridge: RunningBridge) -> None:
     with trio.fail_after(10):
-        async with connect(bridge.url, subprotocols=["binary"]) as ws:
+        async with connect(bridge.url, subprotocols=[Subprotocol("binary")]) as ws:
             assert ws.subprotocol == "binary"
             await ws.send(b"\x00\x01hello")
             assert await ws.recv() == b"\x00\x01hello"
@@ -40,7 +41,7 @@ async def test_random_sized_streams_both_ways_checksummed(
     received = hashlib.sha256()
     total = 0
     with trio.fail_after(30):
-        async with connect(running.url, subprotocols=["binary"], max_size=None) as ws:
+        async with connect(running.url, subprotocols=[Subprotocol("binary")], max_size=None) as ws:
 
             async def reader(count: int) -> None:
                 got = 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 from websockets.trio.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 from trio_bridge.observe import Direction
 from trio_bridge.pytest_plugin import StartBridge, StartReplay
@@ -43,7 +44,9 @@ def recorded_down(path: Path) -> list[bytes]:
 async def play_recorded_client(url: str, frames: int, *, text: str = "hello text") -> list[bytes]:
     """Send the recorded client's messages to ``url`` and collect ``frames`` data frames."""
     received: list[bytes] = []
-    async with connect(url, subprotocols=["binary"], ping_interval=None, max_size=None) as ws:
+    async with connect(
+        url, subprotocols=[Subprotocol("binary")], ping_interval=None, max_size=None
+    ) as ws:
         async with trio.open_nursery() as nursery:
             done = trio.Event()
 

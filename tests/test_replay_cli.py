@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 from websockets.trio.client import connect
+from websockets.typing import Subprotocol
 
 from trio_bridge.observe import Direction
 from trio_bridge.pytest_plugin import StartBridge
@@ -185,7 +186,7 @@ async def test_serve_once_replays_to_one_client_and_reports(recording: Path) -> 
                 banner += await process.stdout.receive_some(1000)
             match = re.search(rb"on (ws://127\.0\.0\.1:\d+/)", banner)
             assert match, banner
-            async with connect(match.group(1).decode(), subprotocols=["binary"]) as ws:
+            async with connect(match.group(1).decode(), subprotocols=[Subprotocol("binary")]) as ws:
                 assert await ws.recv() == GREETING
                 await ws.send(b"not what the recording has")
             rest = b""
@@ -234,7 +235,7 @@ class Replaying:
 
 async def _read_all(stream: trio.abc.ReceiveStream, into: list[bytes]) -> None:
     async for chunk in stream:
-        into.append(chunk)
+        into.append(bytes(chunk))
 
 
 @asynccontextmanager
@@ -274,7 +275,7 @@ async def test_ctrl_c_stops_serve_with_a_client_connected() -> None:
             banner = await run.read_until(b"\n")
             url = re.search(rb"on (ws://127\.0\.0\.1:\d+/)", banner)
             assert url, banner
-            async with connect(url[1].decode(), subprotocols=["binary"]) as ws:
+            async with connect(url[1].decode(), subprotocols=[Subprotocol("binary")]) as ws:
                 await ws.recv()  # the recorded greeting; lockstep now waits for the client
                 assert_interrupted_quietly(*await run.interrupt())
 

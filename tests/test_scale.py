@@ -13,6 +13,7 @@ import pytest
 import trio
 from websockets.frames import Opcode
 from websockets.trio.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 from .conftest import BridgeStarter, Handler, RawClient, TcpTarget, check_echo, client_frame
 
@@ -74,7 +75,7 @@ async def test_500_concurrent_sessions_checksummed(
         rng = random.Random(index)
         messages = [rng.randbytes(rng.randrange(1, 16_384)) for _ in range(rng.randrange(1, 6))]
         async with connect(
-            running.url, subprotocols=["binary"], open_timeout=None, ping_interval=None
+            running.url, subprotocols=[Subprotocol("binary")], open_timeout=None, ping_interval=None
         ) as ws:
             await check_echo(ws, b"open %d" % index)  # the session relays
             connected += 1
@@ -167,7 +168,7 @@ async def test_64_mib_each_way_checksummed(
     chunk = 256 << 10
     with trio.fail_after(60):
         async with connect(
-            running.url, subprotocols=["binary"], max_size=None, close_timeout=1
+            running.url, subprotocols=[Subprotocol("binary")], max_size=None, close_timeout=1
         ) as ws:
 
             async def send_upload() -> None:

@@ -35,6 +35,7 @@ import pytest
 import trio
 from websockets.exceptions import ConnectionClosed
 from websockets.trio.client import ClientConnection, connect, unix_connect
+from websockets.typing import Subprotocol
 
 from trio_bridge import systemd as sd
 
@@ -199,7 +200,7 @@ def target_arg(target: TcpTarget) -> str:
 
 
 def ws_connect(url: str, stream: trio.SocketStream | None = None) -> connect:
-    return connect(url, subprotocols=["binary"], proxy=None, stream=stream)
+    return connect(url, subprotocols=[Subprotocol("binary")], proxy=None, stream=stream)
 
 
 async def check_relay(ws: ClientConnection, payload: bytes = b"\x00relayed\xff") -> None:
@@ -327,7 +328,10 @@ async def test_wss_named_socket_serves_tls(echo_target: TcpTarget, pki: Pki) -> 
         async with socket_activate([f"127.0.0.1:{port}"], argv, "--fdname=wss") as sa:
             context = pki.client_context()
             async with connect(
-                f"wss://127.0.0.1:{port}/", ssl=context, subprotocols=["binary"], proxy=None
+                f"wss://127.0.0.1:{port}/",
+                ssl=context,
+                subprotocols=[Subprotocol("binary")],
+                proxy=None,
             ) as ws:
                 await check_relay(ws, b"over TLS")
             await sa.wait_until(lambda text: " ended: " in text)

@@ -14,6 +14,7 @@ import pytest
 import trio
 import trustme
 from websockets.trio.client import connect
+from websockets.typing import Subprotocol
 
 from trio_bridge.config import ConfigError
 from trio_bridge.tls import TargetTlsSettings, TlsSettings, server_context
@@ -51,12 +52,12 @@ async def test_wss_and_ws_share_one_port(
     running = await start_bridge(echo_target.address, tls=pki.settings())
     with trio.fail_after(10):
         async with connect(
-            wss(running.port), ssl=pki.client_context(), subprotocols=["binary"]
+            wss(running.port), ssl=pki.client_context(), subprotocols=[Subprotocol("binary")]
         ) as secure:
             await check_echo(secure, b"over TLS")
             (session,) = running.bridge.sessions
             assert session.channel.transport.raw is None  # no splice(2) under TLS
-            async with connect(running.url, subprotocols=["binary"]) as plain:
+            async with connect(running.url, subprotocols=[Subprotocol("binary")]) as plain:
                 await check_echo(plain, b"in the clear")
             await check_echo(secure, b"x" * 200_000)
 
@@ -110,7 +111,7 @@ async def _client_fails(url: str, context: ssl.SSLContext) -> None:
     certificate after the client's side of the handshake completed)."""
     # Which error depends on when the server gives up: ssl.SSLError, a reset, EOF...
     with pytest.raises(Exception):  # noqa: B017
-        async with connect(url, ssl=context, subprotocols=["binary"]) as ws:
+        async with connect(url, ssl=context, subprotocols=[Subprotocol("binary")]) as ws:
             await ws.send(b"must not arrive")
             await ws.recv()
 
@@ -194,7 +195,7 @@ async def test_ssl_target_verified_against_its_ca(
         async with tls_echo_target(pki) as target:
             good = TargetTlsSettings(cafile=str(pki.ca_file))
             running = await start_bridge(target.address, target_tls=good)
-            async with connect(running.url, subprotocols=["binary"]) as ws:
+            async with connect(running.url, subprotocols=[Subprotocol("binary")]) as ws:
                 await check_echo(ws, b"TLS to the target")
 
             other = tmp_path_ca(pki)

@@ -19,6 +19,7 @@ import pytest
 import trio
 from websockets.exceptions import InvalidStatus
 from websockets.trio.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 from trio_bridge.addons import Addons, WrappedProgramExited
 from trio_bridge.cli import build_parser, config_from_args
@@ -143,7 +144,7 @@ async def start_wrapped(nursery: trio.Nursery) -> AsyncIterator[Start]:
         listener = loopback_listener()
         wrapped = Wrapped(addons, addons.bridge(), listener.getsockname()[1])
 
-        async def serve(task_status: trio.TaskStatus[None]) -> None:
+        async def serve(task_status: trio.TaskStatus[Bridge]) -> None:
             try:
                 await addons.serve(wrapped.bridge, [listener], task_status=task_status)
             except WrappedProgramExited as exc:
@@ -194,7 +195,7 @@ async def test_tcp_mode_picks_a_port_passes_it_and_logs_the_output(
         assert isinstance(target, TcpAddress)
         await bridge_log.wait_for(f"echo server up on {target.port}", logger="trio_bridge.wrap")
         await bridge_log.wait_for("a line on stderr", logger="trio_bridge.wrap")
-        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+        async with connect(wrapped.url, subprotocols=[Subprotocol("binary")]) as ws:
             await echo_once(ws, b"to the wrapped program")
         assert (await fetch(wrapped.port, "/healthz")).status == 200
 
@@ -208,7 +209,7 @@ async def test_tcp_mode_port_from_the_environment_and_a_given_target(
             script(tmp_path, "echo.py", ECHO_SERVER), target=TcpAddress("127.0.0.1", port)
         )
         assert wrapped.supervisor.target == TcpAddress("127.0.0.1", port)
-        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+        async with connect(wrapped.url, subprotocols=[Subprotocol("binary")]) as ws:
             await echo_once(ws, b"via $TRIO_BRIDGE_TARGET_PORT")
 
 
@@ -252,17 +253,17 @@ async def test_stdio_mode_one_program_across_sessions(start_wrapped: Start, tmp_
     with trio.fail_after(20):
         wrapped = await start_wrapped(script(tmp_path, "stdio.py", STDIO_ECHO), stdio=True)
         pid = wrapped.pid
-        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+        async with connect(wrapped.url, subprotocols=[Subprotocol("binary")]) as ws:
             # Output written before anyone attached waited in the pipe.
             assert await read_line(ws) == b"banner from pid %d\n" % pid
             await echo_once(ws, b"first session\n")
             # One session at a time owns stdin/stdout.
             with pytest.raises(InvalidStatus) as busy:
-                async with connect(wrapped.url, subprotocols=["binary"]):
+                async with connect(wrapped.url, subprotocols=[Subprotocol("binary")]):
                     pass
             assert busy.value.response.status_code == 409
         # The session ended; the program did not.
-        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+        async with connect(wrapped.url, subprotocols=[Subprotocol("binary")]) as ws:
             await echo_once(ws, b"second session, same program\n")
         assert wrapped.pid == pid
         assert wrapped.supervisor.starts == 1
@@ -273,7 +274,7 @@ async def test_stdio_program_exit_closes_the_session(start_wrapped: Start) -> No
         wrapped = await start_wrapped(
             ["sh", "-c", "read line; echo bye; exit 0"], stdio=True, mode=WrapMode.IGNORE
         )
-        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+        async with connect(wrapped.url, subprotocols=[Subprotocol("binary")]) as ws:
             await ws.send(b"hello\n")
             assert await read_line(ws) == b"bye\n"
             with pytest.raises(Exception, match="target closed the connection"):
@@ -286,7 +287,7 @@ async def test_stdio_program_exit_closes_the_session(start_wrapped: Start) -> No
 async def test_exit_mode_stops_the_bridge_with_the_programs_status(start_wrapped: Start) -> None:
     with trio.fail_after(20):
         wrapped = await start_wrapped(["sh", "-c", "read line; exit 3"], stdio=True)
-        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+        async with connect(wrapped.url, subprotocols=[Subprotocol("binary")]) as ws:
             await ws.send(b"go\n")
             with pytest.raises(Exception, match="target closed the connection"):
                 await ws.recv()
@@ -308,7 +309,7 @@ async def test_ignore_mode_keeps_serving_without_the_program(
         assert health.status == 503
         assert b"was killed by SIGKILL" in health.body
         with pytest.raises(InvalidStatus) as refused:
-            async with connect(wrapped.url, subprotocols=["binary"], open_timeout=15):
+            async with connect(wrapped.url, subprotocols=[Subprotocol("binary")], open_timeout=15):
                 pass
         assert refused.value.response.status_code == 503
         assert not wrapped.done.is_set()
@@ -328,7 +329,7 @@ async def test_respawn_mode_restarts_the_program(
         os.kill(first, signal.SIGTERM)
         await bridge_log.wait_for("restarting", "in 0.2 s", logger="trio_bridge.wrap")
         # A session that arrives meanwhile waits for the new program (up to connect_timeout).
-        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+        async with connect(wrapped.url, subprotocols=[Subprotocol("binary")]) as ws:
             await echo_once(ws, b"after a respawn")
         assert wrapped.supervisor.starts == 2
         assert wrapped.pid != first
@@ -353,8 +354,8 @@ async def test_respawn_backs_off_exponentially(start_wrapped: Start, bridge_log:
     # ``sh`` alone can take 0.1 s: 0.11, 0.30, 0.43 s.)
     gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
     assert len(gaps) >= 3
-    for gap, delay in zip(gaps, (0.1, 0.2, 0.4), strict=False):
-        assert gap >= delay * 0.99, gaps
+    for gap, announced in zip(gaps, (0.1, 0.2, 0.4), strict=False):
+        assert gap >= announced * 0.99, gaps
 
 
 # -- stopping ----------------------------------------------------------------------------
@@ -377,7 +378,7 @@ async def test_shutdown_stops_the_program_and_its_children(
             script(tmp_path, "stubborn.py", STUBBORN), stdio=True, stop_timeout=0.5
         )
         pid = wrapped.pid
-        async with connect(wrapped.url, subprotocols=["binary"]) as ws:
+        async with connect(wrapped.url, subprotocols=[Subprotocol("binary")]) as ws:
             line = await read_line(ws)
         child = int(line.split()[1])
         assert alive(child)
