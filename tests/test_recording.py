@@ -40,7 +40,7 @@ from trio_bridge.recording.writer import RecordingFile
 from trio_bridge.replay import PayloadView, print_timeline
 from trio_bridge.session import RECV_SIZE
 
-from .test_recording_support import (
+from .recording_support import (
     BIG,
     CLOSE_CODE,
     CLOSE_REASON,

@@ -39,7 +39,7 @@ from trio_bridge.recording import writer as writer_module
 from trio_bridge.recording.format import HEADER_SIZE, EndRecord, Kind, Meta
 from trio_bridge.recording.writer import SessionWriter
 
-from .test_recording_support import (
+from .recording_support import (
     ProcessLog,
     bridge_command,
     receive_bytes,

@@ -16,7 +16,7 @@ from trio_bridge.recording.format import Meta
 from trio_bridge.recording.writer import RecordingFile
 from trio_bridge.replay import drive
 
-from .test_recording_support import (
+from .recording_support import (
     BIG,
     CLOSE_CODE,
     CLOSE_REASON,

@@ -26,7 +26,7 @@ from trio_bridge.recording.format import HEADER_SIZE
 from trio_bridge.replay.cli import main
 from trio_bridge.replay.messages import recorded_messages
 
-from .test_recording_support import (
+from .recording_support import (
     BIG,
     GREETING,
     record_scripted_session,

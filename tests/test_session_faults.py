@@ -48,7 +48,7 @@ from .conftest import (
     healthy_session,
     loopback_listener,
 )
-from .test_recording_support import receive_bytes
+from .recording_support import receive_bytes
 
 StartTarget = Callable[[Handler], Awaitable[TcpTarget]]
 ZERO_COPY = pytest.mark.parametrize("zero_copy", [True, False], ids=["splice", "framed"])
