@@ -25,11 +25,14 @@ from trio_bridge.cli import build_parser, config_from_args
 from trio_bridge.config import Config, Limits, TcpAddress
 from trio_bridge.handshake import HandshakeFailure
 from trio_bridge.metrics import BridgeMetrics, close_code_label
+from trio_bridge.recording import load_recording
 from trio_bridge.server import Bridge
 from trio_bridge.session import SessionStats
 from trio_bridge.wrap import WrapConfig
 
 from .conftest import TcpTarget, free_port, loopback_listener
+from .recording_support import ProcessLog, scripted_target, start_tcp_target, subprocess_env
+from .test_recording_failures import relay_messages, tiny_filesystem
 from .test_web import fetch
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -313,6 +316,45 @@ def test_docs_list_every_handshake_failure_reason() -> None:
     samples = parse(exposed(BridgeMetrics(process=False)))
     for reason in HandshakeFailure:
         assert value(samples, "trio_bridge_handshake_failures_total", reason=reason) == 0
+
+
+async def test_recording_gaps_on_a_full_disk_are_counted(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The CLI's recording bridge on a 1 MiB tmpfs, 2 MiB relayed each way: the recorder
+    drops what the disk cannot take, and /metrics counts those gaps and their bytes as
+    the finished recording's GAP records do."""
+    with tiny_filesystem(tmp_path / "small", "1m") as folder:
+        target = await start_tcp_target(nursery, scripted_target(greeting=b""))
+        metrics_port = free_port()
+        code = "import sys; from trio_bridge.cli import main; sys.exit(main())"
+        command = [sys.executable, "-c", code, "--record", str(folder)]
+        command += ["--metrics", f"127.0.0.1:{metrics_port}", "127.0.0.1:0", str(target)]
+        process = await trio.lowlevel.open_process(
+            command, stderr=subprocess.PIPE, env=subprocess_env()
+        )
+        log = ProcessLog(process)
+        nursery.start_soon(log.pump)
+        try:
+            with trio.fail_after(30):
+                port = await log.port()
+                before = parse((await fetch(metrics_port, "/metrics")).body.decode())
+                await relay_messages(f"ws://127.0.0.1:{port}/", 32)
+                # The writer's last word on a recording, logged once its file is closed.
+                await log.wait_for(re.compile(rb"recording \S+ is missing \d+ frames"))
+                after = parse((await fetch(metrics_port, "/metrics")).body.decode())
+        finally:
+            process.terminate()
+            with trio.move_on_after(10):
+                await process.wait()
+            print(await log.until_closed())  # shown when the test fails
+        (path,) = folder.glob("*.tbrec")
+        recording = load_recording(path)
+    assert value(before, "trio_bridge_recording_gaps_total") == 0
+    assert recording.gaps, recording.status.describe()
+    assert value(after, "trio_bridge_recording_gaps_total") == len(recording.gaps)
+    lost = sum(gap.total_bytes for gap in recording.gaps)
+    assert value(after, "trio_bridge_recording_lost_bytes_total") == lost > 0
 
 
 def test_recording_gaps_count_gaps_and_lost_bytes() -> None:

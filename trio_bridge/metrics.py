@@ -181,7 +181,7 @@ class BridgeMetrics:
         )
         yield CounterMetricFamily(
             "trio_bridge_recording_gaps_total",
-            "Gaps in session recordings: GAP records, each for frames the recorder dropped.",
+            "Gaps in session recordings: times the recorder had to drop frames.",
             value=self.recording_gaps,
         )
         yield CounterMetricFamily(

@@ -42,7 +42,7 @@ async def run(config: Config, inherited: InheritedSockets | None = None) -> None
         metrics_listeners=inherited.listening(Role.METRICS) if inherited is not None else (),
     )
     bridge = addons.bridge()
-    recorder = recorder_for(config)
+    recorder = recorder_for(config, on_gap=addons.metrics.recording_gap)
     if recorder is not None:
         bridge.observers = recorder  # the recorder watches the sessions of Addons' bridge
     if inherited is not None:
