@@ -32,4 +32,4 @@ def redact(target: str, *, path_token: bool = False) -> str:
             segments[last] = "..."
         path = "/".join(segments)
     names = [field.partition("=")[0] for field in query.split("&") if field]
-    return path + ("?" + "&".join(f"{name}=..." for name in names) if query else "")
+    return path + ("?" + "&".join(f"{name}=..." for name in names) if names else "")

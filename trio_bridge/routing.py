@@ -82,16 +82,3 @@ class StaticTarget:
 
 def is_websocket_upgrade(request: Request) -> bool:
     return any("websocket" in value.lower() for value in request.headers.get_all("Upgrade"))
-
-
-def redact_query(path: str) -> str:
-    """The request path for logs and recordings, without query values.
-
-    ``?token=`` grants access to a target; logs and recordings outlive sessions and
-    travel further than the bridge's configuration, so values never reach them.
-    """
-    base, sep, query = path.partition("?")
-    if not sep:
-        return base
-    names = [part.partition("=")[0] for part in query.split("&") if part]
-    return base + "?" + "&".join(f"{name}=..." for name in names)

@@ -44,13 +44,13 @@ from .logs import RateLimitedLog, escape
 from .metrics import BridgeMetrics
 from .netio import close_socket, drain_until_eof, peer_name
 from .observe import ObserverFactory, SessionInfo, SessionObserver
+from .request_target import redact
 from .routing import (
     HttpRefusal,
     HttpResponder,
     RequestGate,
     TargetResolver,
     is_websocket_upgrade,
-    redact_query,
 )
 from .session import INTERNAL_ERROR, Session, SessionStats, fit_reason, new_session_id
 from .targets import TargetUnavailable, connect
@@ -92,7 +92,7 @@ class Bridge:
         # How request paths appear in logs and recordings: without the secrets the
         # resolver reads from them (query values by default; a path token under
         # --token-from path).
-        self.redact_path: Callable[[str], str] = getattr(resolver, "redact_path", redact_query)
+        self.redact_path: Callable[[str], str] = getattr(resolver, "redact_path", redact)
         # Security components (docs/security.md); gates run before the resolver.
         self.gates = list(gates) if gates is not None else gates_for(config)
         self.tls = ServerTls.for_config(config)

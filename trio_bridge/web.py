@@ -43,6 +43,7 @@ from websockets.http11 import Request, Response
 from .config import Address, ConfigError
 from .logs import escape
 from .netio import PEER_GONE, Fairness
+from .request_target import split_target
 from .routing import ClientInfo, HttpRefusal, HttpResponder, RequestGate
 from .transport import Transport
 
@@ -140,13 +141,6 @@ def method_not_allowed(method: str) -> Response:
 
 def refusal_response(refusal: HttpRefusal, *, head: bool = False) -> Response:
     return text_response(refusal.status, refusal.reason, headers=refusal.headers, head=head)
-
-
-def split_target(target: str) -> tuple[str, str]:
-    """``/a/b?x=1`` -> (``/a/b``, ``x=1``); a fragment (never sent by browsers) is dropped."""
-    path, _, query = target.partition("?")
-    path = path.partition("#")[0]
-    return path, query.partition("#")[0]
 
 
 # -- the file server -------------------------------------------------------------------

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 from websockets.http11 import Request
 
 from ..config import Address, ConfigError, TcpAddress, UnixAddress
-from ..routing import HttpRefusal, StaticTarget, TargetResolver, redact_query
+from ..request_target import redact, split_target
+from ..routing import HttpRefusal, StaticTarget, TargetResolver
 from .allow import TargetAllowlist
 from .base import (
     PluginAnswerError,
@@ -68,16 +69,6 @@ class TokenSettings:
 
 def _refuse(status: int, reason: str) -> HttpRefusal:
     return HttpRefusal(status, reason)
-
-
-def split_target(target: str) -> tuple[str, str]:
-    """The path and query of an origin-form request target (RFC 9112 3.2.1).
-
-    Not ``urlsplit``: it takes a path starting with ``//`` for a host name, and raises
-    on a stray ``[`` there, which a client can send.
-    """
-    path, _, query = target.partition("#")[0].partition("?")
-    return path, query
 
 
 def _from_query(request: Request) -> str | None:
@@ -146,16 +137,9 @@ class TokenRouter:
             reload()
 
     def redact_path(self, path: str) -> str:
-        """``path`` for logs and recordings: query values, and under ``--token-from path``
-        the last path segment (the token), written ``...``."""
-        if self.token_from != "path":
-            return redact_query(path)
-        before, sep, query = path.partition("#")[0].partition("?")
-        segments = before.split("/")
-        last = max((i for i, segment in enumerate(segments) if segment), default=None)
-        if last is not None:
-            segments[last] = "..."
-        return "/".join(segments) + (redact_query("?" + query) if sep else "")
+        """``path`` for logs and recordings (:func:`~trio_bridge.request_target.redact`); under
+        ``--token-from path`` the last path segment is the token."""
+        return redact(path, path_token=self.token_from == "path")
 
     def plugin_name(self) -> str:
         """The plugin's class, as its author knows it (a websockify one, unwrapped)."""
