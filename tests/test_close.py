@@ -263,7 +263,10 @@ async def test_heartbeat_closes_1011_when_pongs_never_come(
     assert pings >= 1
     assert close.code == 1011
     assert "pong" in close.reason
-    assert 0.35 <= elapsed <= 1.5
+    # The first ping comes after 50-100% of the interval (jitter), the close one
+    # interval after it: 0.3-0.4 s after the bridge's handshake, which ends just
+    # before the client's clock starts.
+    assert 0.25 <= elapsed <= 1.5
 
 
 # -- limits and shutdown -----------------------------------------------------------------------
