@@ -1,9 +1,7 @@
-"""The one parser of a request target, and the redactor built on it.
+"""The one parser of a request target, for the code that acts on it and for the logs.
 
-Everything that reads ``request.path`` (the file server, health and metrics endpoints,
-token extraction) and everything that writes it to logs and recordings goes through
-:func:`split_target`: a redactor that split the target differently from the code that
-acts on it would let a value it did not see as a value (a token) through to a log.
+A redactor that split a target differently from the code that reads tokens out of it
+would let a token through to a log, so both go through :func:`split_target`.
 """
 
 from __future__ import annotations
@@ -25,11 +23,9 @@ def redact(target: str, *, path_token: bool = False) -> str:
     the last non-empty path segment (where ``--token-from path`` reads the token),
     written ``...``. Tokens grant access, and logs outlive sessions."""
     path, query = split_target(target)
-    if path_token:
-        segments = path.split("/")
-        last = max((i for i, segment in enumerate(segments) if segment), default=None)
-        if last is not None:
-            segments[last] = "..."
-        path = "/".join(segments)
+    kept = path.rstrip("/")  # ends in the last non-empty segment, if there is one
+    if path_token and kept:
+        head, sep, _ = kept.rpartition("/")
+        path = f"{head}{sep}...{path[len(kept) :]}"
     names = [field.partition("=")[0] for field in query.split("&") if field]
     return path + ("?" + "&".join(f"{name}=..." for name in names) if names else "")
