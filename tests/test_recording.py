@@ -130,7 +130,8 @@ async def test_names_sort_by_time_and_files_are_compact(
                     await ws.send(message)
                     assert await receive_bytes(ws, len(message)) == message
         paths = await running.recordings(3)
-    assert sorted(p.name for p in paths) == [p.name for p in paths]
+    by_start = sorted(paths, key=lambda path: load_recording(path).meta.started)
+    assert sorted(p.name for p in paths) == [p.name for p in by_start]  # files may close
     for path in paths:
         recording = load_recording(path)
         payload = sum(len(f.payload) for f in recording.frames())
@@ -423,18 +424,18 @@ def test_a_full_buffer_drops_frames_and_marks_the_gap(tmp_path: Path) -> None:
     observer = SessionRecorder(info, tmp_path / "x.tbrec", buffer)
     for _ in range(10):  # each costs 500 + 160 bytes
         observer.on_frame(Direction.UP, Frame(Opcode.BINARY, bytes(500)))
-    taken = buffer.take(1 << 30)
-    assert len(taken) == 6  # the rest did not fit
+    taken, cost = buffer.take(1 << 30)
+    assert len(taken) == 6 and cost == 6 * 660  # the rest did not fit
     observer.on_frame(Direction.UP, Frame(Opcode.BINARY, bytes(500)))  # still in flight
-    buffer.written()
+    buffer.written(cost)
     observer.on_frame(Direction.DOWN, Frame(Opcode.BINARY, b"after"))
     observer.on_end(1000, "", "client")
-    gap, after, end = buffer.take(1 << 30)
+    (gap, after, end), _ = buffer.take(1 << 30)
     assert gap[0] == Kind.GAP and b'"frames_up":5,"bytes_up":2500' in gap[3]
     assert after[3] == b"after" and end[0] == Kind.END
     assert buffer.dropped.total_frames == 5
     observer.on_frame(Direction.UP, Frame(Opcode.BINARY, b"late"))  # after END: ignored
-    assert buffer.take(1 << 30) == []
+    assert buffer.take(1 << 30) == ([], 0)
 
 
 # -- the --record option ----------------------------------------------------------------------

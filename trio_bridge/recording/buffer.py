@@ -8,8 +8,9 @@ says exactly where events are missing and how many. A full buffer is the only re
 the recorder drops a frame while the disk takes writes.
 
 Everything here runs on the Trio thread: the relay puts, the session's writing task
-takes a batch and hands it to a worker thread; the batch counts against the limit until
-it is written, so a session's recording never holds more than ``limit`` bytes.
+takes batches and queues them for the recorder's writing thread; a batch counts against
+the limit until it is written, so a session's recording never holds more than ``limit``
+bytes.
 """
 
 from __future__ import annotations
@@ -133,9 +134,9 @@ class EventBuffer:
             self._ready = trio.Event()
             await self._ready.wait()
 
-    def take(self, most: int) -> list[Entry]:
-        """The oldest entries, ``most`` bytes of them or one; they count against the
-        limit until :meth:`written`.
+    def take(self, most: int) -> tuple[list[Entry], int]:
+        """The oldest entries, ``most`` bytes of them or one, and what they cost; they
+        count against the limit until :meth:`written` is told that cost.
 
         Taking less than everything keeps room in the buffer while a batch is written:
         with the whole buffer in flight, every frame until the write returns is lost.
@@ -148,11 +149,11 @@ class EventBuffer:
         entries, self._entries = self._entries[:count], self._entries[count:]
         self._in_flight += size
         self.queued -= size
-        return entries
+        return entries, size
 
-    def written(self) -> None:
-        """The entries of the last :meth:`take` are out of memory's way."""
-        self._in_flight = 0
+    def written(self, size: int) -> None:
+        """Entries that cost ``size`` (see :meth:`take`) are out of memory's way."""
+        self._in_flight -= size
 
     def _append(self, entry: Entry) -> None:
         if self._loss is not None:

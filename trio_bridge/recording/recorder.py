@@ -13,12 +13,13 @@ per session.
 Each session gets a :class:`SessionRecorder` (the observer, called synchronously by the
 relay), which queues records in a bounded
 :class:`~trio_bridge.recording.buffer.EventBuffer`, and a task in the recorder's nursery
-that hands each batch to a worker thread
-(:class:`~trio_bridge.recording.writer.SessionWriter`), so the relay never waits for
-the disk. The threads come from Trio's pool, one batch at a time for the whole recorder
-(a dedicated :class:`trio.CapacityLimiter`): a bridge's recordings share one disk, and
-a busy VNC session writes 1-10 MB/s. Everything is recorded unless the disk falls
-behind a session by a whole buffer.
+that queues batches for the recorder's one long-lived writing thread
+(:class:`~trio_bridge.recording.writer.SessionWriter` does the I/O), so the relay never
+waits for the disk. One thread for all sessions: a bridge's recordings share one disk.
+Not ``trio.to_thread`` per batch: its two trips through a busy event loop took ~20 ms a
+batch on the 2-core VM while a session relayed 200 MiB/s, and the recording kept half
+of it (see docs/recording-format.md, Performance). Everything is recorded unless the
+disk falls behind a session by a whole buffer.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ import dataclasses
 import errno
 import logging
 import os
+import queue
 import re
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,19 +51,22 @@ from .writer import SessionWriter
 
 log = logging.getLogger("trio_bridge.recording")
 
-DEFAULT_BUFFER_LIMIT = 8 << 20  # per session
+#: Per session: 80 ms of a 200 MiB/s session (8 MiB lost 6-12% of one to the stalls of
+#: a loaded 2-core VM).
+DEFAULT_BUFFER_LIMIT = 16 << 20
 DEFAULT_DRAIN_TIMEOUT = 10.0
-#: The writing task hands over a batch at once when this much is queued; with less it
-#: waits :data:`FLUSH_DELAY` first, so that a session of small messages costs one
-#: hand-off to the worker thread per batch rather than per frame.
+#: The writing task queues a batch at once when this much is waiting; with less it waits
+#: :data:`FLUSH_DELAY` first, so that a session of small messages costs one hand-off to
+#: the writing thread per batch rather than per frame.
 BATCH_BYTES = 256 << 10
 FLUSH_DELAY = 0.005
 #: The most a batch takes from a session's buffer (it counts against the buffer until
-#: written): a quarter of the default buffer keeps room for what arrives meanwhile.
+#: written): small batches free room sooner for what arrives meanwhile.
 BATCH_MAX = 2 << 20
 
 #: ``on_gap(frames, bytes)``: called on the Trio thread for each gap marked in a recording.
 GapCallback = Callable[[int, int], None]
+_Job = tuple[SessionWriter, list[Entry], int, EventBuffer, trio.Event]
 
 
 class RecordingFolderError(StartupError):
@@ -201,7 +207,10 @@ class Recorder:
         #: they finished.
         self.finished: list[Path] = []
         self._nursery: trio.Nursery | None = None
-        self._limiter = trio.CapacityLimiter(1)  # one batch written at a time
+        #: Batches for the writing thread: (writer, entries, cost, buffer, done), or
+        #: None to stop it.
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._token: trio.lowlevel.TrioToken | None = None
         self._writing = 0  # sessions whose recording is not finished
         self._closing = trio.Event()
         self._changed = trio.Event()
@@ -212,6 +221,9 @@ class Recorder:
         """Check the folder (raising :class:`RecordingFolderError`), then host the writing."""
         self.folder = await trio.to_thread.run_sync(check_folder, self.folder)
         log.info("recording sessions to %s", self.folder)
+        self._token = trio.lowlevel.current_trio_token()
+        thread = threading.Thread(target=self._serve, name="trio-bridge recorder", daemon=True)
+        thread.start()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -229,6 +241,9 @@ class Recorder:
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
+            self._jobs.put(None)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(thread.join, self.drain_timeout)
 
     def close(self) -> None:
         """Finish: ``run()`` returns when the open recordings are written."""
@@ -264,42 +279,73 @@ class Recorder:
         return self.finished[:count]
 
     async def _write_session(self, writer: SessionWriter, buffer: EventBuffer) -> None:
-        """Hand the session's batches to a worker thread until its END is written."""
-        entries: list[Entry] = []  # the first write creates the file with its META record
-        abandoned = False
+        """Queue the session's batches for the writing thread until its END is written.
+
+        The task does not wait for each batch: a round trip through the event loop per
+        batch took ~20 ms while a session relayed 200 MiB/s on the 2-core VM, which
+        capped the recording at half the session. Batches of one session are written
+        in order (one thread, one queue); each counts against the buffer until written.
+        """
+        entries: list[Entry] = []  # the first batch creates the file with its META record
+        cost = 0
+        done = trio.Event()
+        patience = float("inf")  # for the thread to finish the last batch
         try:
-            while True:
-                try:
-                    gaps = await trio.to_thread.run_sync(
-                        writer.write, entries, limiter=self._limiter, abandon_on_cancel=True
-                    )
-                except trio.Cancelled:
-                    # Shutdown past drain_timeout: a stalled disk must not hold up the
-                    # process, so the write is left to finish alone, with its file.
-                    abandoned = True
-                    raise
-                buffer.written()
-                for frames, size in gaps:
-                    self._report_gap(frames, size)
-                if writer.finished:
-                    break
-                await buffer.wait()
-                if not buffer.closed and buffer.queued < BATCH_BYTES:
-                    await trio.sleep(FLUSH_DELAY)
-                entries = buffer.take(BATCH_MAX)
-        except Exception:  # a bug must not end the recorder, and every other recording
-            log.exception("session %s: recording failed", writer.session_id)
+            async with trio.open_nursery() as dropping:  # the file is closed after it
+                while True:
+                    done = trio.Event()
+                    self._jobs.put((writer, entries, cost, buffer, done))
+                    if buffer.closed and not buffer.queued:  # END is on its way
+                        break
+                    await buffer.wait()
+                    if not buffer.closed and buffer.queued < BATCH_BYTES:
+                        await trio.sleep(FLUSH_DELAY)
+                    if writer.finished:  # the file could not be created
+                        break
+                    entries, cost = buffer.take(BATCH_MAX)
+                    file = writer.file
+                    if file is not None and file.drop_due and not dropping.child_tasks:
+                        dropping.start_soon(trio.to_thread.run_sync, file.drop_behind)
+        except BaseException:  # cancelled (shutdown) or a bug: a stalled disk must not hang us
+            patience = self.drain_timeout
+            raise
         finally:
             buffer.closed = True  # puts after this are ignored: nobody would write them
-            if not abandoned:
+            with trio.CancelScope(shield=True):
+                # The thread must be done with the file before it is closed; after a
+                # stalled disk outlasted drain_timeout, it is left to the thread.
+                with trio.move_on_after(patience):
+                    await done.wait()
                 writer.abandon()
-                with trio.CancelScope(shield=True):  # what was written is synced and closed
+                if done.is_set():  # what was written is synced and closed
                     await trio.to_thread.run_sync(writer.finish)
             writer.report(buffer.dropped)
             self._writing -= 1
             if writer.file is not None:
                 self.finished.append(writer.path)
             self._changed.set()
+
+    def _serve(self) -> None:
+        """The writing thread: one batch after the other, results to the event loop."""
+        while (job := self._jobs.get()) is not None:
+            writer, entries, cost, buffer, done = job
+            try:
+                gaps = writer.write(entries)
+            except Exception:  # a bug must not end every other recording
+                log.exception("session %s: recording failed", writer.session_id)
+                writer.abandon()
+                gaps = []
+            assert self._token is not None
+            with suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._written, buffer, cost, gaps, done)
+
+    def _written(
+        self, buffer: EventBuffer, cost: int, gaps: list[tuple[int, int]], done: trio.Event
+    ) -> None:
+        buffer.written(cost)
+        for frames, size in gaps:
+            self._report_gap(frames, size)
+        done.set()
 
     def _report_gap(self, frames: int, size: int) -> None:
         if self.on_gap is None or not (frames or size):
