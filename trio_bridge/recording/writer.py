@@ -1,4 +1,4 @@
-"""Writing one session's recording: blocking file I/O, run in a worker thread.
+"""Writing one session's recording: blocking file I/O, run in the recorder's writing thread.
 
 Why a thread: regular files have no non-blocking mode (``O_NONBLOCK`` is ignored and
 epoll reports them always ready), so a slow or stalled disk would stall the event
@@ -185,7 +185,7 @@ def _write_all(fd: int, buffers: list[bytes], position: int) -> int:
 
 
 class SessionWriter:
-    """One session's recording as the worker thread sees it: its file and what it lacks.
+    """One session's recording as the writing thread sees it: its file and what it lacks.
 
     Its methods block; the recorder's writing thread calls them, one at a time.
     """
