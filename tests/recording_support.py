@@ -15,9 +15,11 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import trio
 from websockets.trio.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 from trio_bridge import TcpAddress
 from trio_bridge.pytest_plugin import StartBridge
@@ -39,7 +41,8 @@ def scripted_target(
         try:
             await stream.send_all(greeting)
             async for chunk in stream:
-                await stream.send_all(transform(chunk))
+                # SocketStream.receive_some returns bytes (its __anext__ says bytes | bytearray)
+                await stream.send_all(transform(cast(bytes, chunk)))
         except trio.BrokenResourceError:
             pass
 
@@ -81,7 +84,9 @@ SCRIPT = [
 
 async def run_scripted_client(url: str) -> None:
     """The recorded conversation, checking every answer on the way."""
-    async with connect(url, subprotocols=["binary"], ping_interval=None, max_size=None) as ws:
+    async with connect(
+        url, subprotocols=[Subprotocol("binary")], ping_interval=None, max_size=None
+    ) as ws:
         assert await receive_bytes(ws, len(GREETING)) == GREETING
         for step in SCRIPT:
             await ws.send(step.message)

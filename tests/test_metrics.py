@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.trio.client import connect
+from websockets.typing import Subprotocol
 
 from trio_bridge import __version__
 from trio_bridge.addons import Addons
@@ -125,8 +126,8 @@ async def test_counters_move_with_real_sessions(start_scraped: Start) -> None:
         before = await scraped.scrape()
         assert value(before, "trio_bridge_sessions_open") == 0
         assert value(before, "trio_bridge_sessions_total") == 0
-        async with connect(scraped.url, subprotocols=["binary"]) as first:
-            async with connect(scraped.url, subprotocols=["binary"]) as second:
+        async with connect(scraped.url, subprotocols=[Subprotocol("binary")]) as first:
+            async with connect(scraped.url, subprotocols=[Subprotocol("binary")]) as second:
                 await first.send(b"x" * 1000)
                 assert await first.recv() == b"x" * 1000
                 await second.send(b"y" * 24)
@@ -177,7 +178,7 @@ async def test_handshake_failures_by_reason(start_scraped: Start) -> None:
         await stream.send_all(b"GET / HTTP/1.1\r\n")
         await stream.aclose()
         # A good handshake, but the target refuses: the session never opens.
-        async with connect(scraped.url, subprotocols=["binary"]) as ws:
+        async with connect(scraped.url, subprotocols=[Subprotocol("binary")]) as ws:
             with pytest.raises(Exception, match="refused"):
                 await ws.recv()
         samples = await scraped.scrape_until(

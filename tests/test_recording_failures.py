@@ -36,6 +36,7 @@ from trio_bridge.recording import (
     open_recording,
 )
 from trio_bridge.recording import writer as writer_module
+from trio_bridge.recording.buffer import Entry
 from trio_bridge.recording.format import HEADER_SIZE, EndRecord, Kind, Meta
 from trio_bridge.recording.writer import SessionWriter
 
@@ -218,7 +219,7 @@ def test_a_full_disk_cuts_records_back_to_make_room_for_gap_and_end(tmp_path: Pa
         assert writer.file.size % 4096 == 0
         fill(folder / "filler")
         end = EndRecord(20, 1000, "target closed the connection", "bridge")
-        last = [(Kind.BINARY, 0x03, 10, bytes(100)), (Kind.END, 0, 20, end.encode())]
+        last: list[Entry] = [(Kind.BINARY, 0x03, 10, bytes(100)), (Kind.END, 0, 20, end.encode())]
         gaps = writer.write(last)
         writer.finish()
         recording = load_recording(path)

@@ -145,7 +145,7 @@ async def test_compressed_messages_parsed_in_slices_arrive_whole(
     running = await start_bridge(echo_target.address, compression=True)
     incompressible = os.urandom(512 * 1024)  # one frame spanning ~128 slices
     with trio.fail_after(20):
-        async with connect(running.url, subprotocols=["binary"], max_size=None) as ws:
+        async with connect(running.url, subprotocols=[Subprotocol("binary")], max_size=None) as ws:
             assert ws.protocol.extensions, "deflate was not negotiated"
             await ws.send([b"frag-1 ", b"frag-2 " * 3000, b"frag-3"])
             await ws.ping()
@@ -246,7 +246,7 @@ async def test_observer_failing_in_on_frame_is_detached_and_the_session_relays_o
     observers = FailingObservers("on_frame", 3)
     running = await start_observed_bridge(nursery, echo_target.address, observers)
     with trio.fail_after(10):
-        async with connect(running.url, subprotocols=["binary"]) as ws:
+        async with connect(running.url, subprotocols=[Subprotocol("binary")]) as ws:
             for i in range(10):  # two frames each: up, then down
                 await check_echo(ws, b"message %d" % i)
         await bridge_log.wait_for("ended", "close=1000", logger="trio_bridge.server")
@@ -324,7 +324,7 @@ async def test_internal_error_closes_that_session_1011_and_others_relay_on(
     running = await start_bridge(echo_target.address, zero_copy=zero_copy)
     with trio.fail_after(10):
         async with healthy_session(running.url):
-            async with connect(running.url, subprotocols=["binary"]) as ws:
+            async with connect(running.url, subprotocols=[Subprotocol("binary")]) as ws:
                 await check_echo(ws, b"fine so far")
                 await ws.send(b"boom")
                 with pytest.raises(ConnectionClosed) as info:
@@ -334,7 +334,8 @@ async def test_internal_error_closes_that_session_1011_and_others_relay_on(
             assert info.value.rcvd.code == 1011
             assert info.value.rcvd.reason == "internal error in the bridge"
             await bridge_log.wait_for("ended", "close=1011", logger="trio_bridge.server")
-        async with connect(running.url, subprotocols=["binary"]) as ws:  # still serving
+        # still serving
+        async with connect(running.url, subprotocols=[Subprotocol("binary")]) as ws:
             await check_echo(ws, b"new session")
     (error,) = errors(caplog)
     assert "internal error" in error.getMessage()

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosedError
 from websockets.http11 import Request
 from websockets.trio.client import connect
+from websockets.typing import Subprotocol
 
 from trio_bridge.auth import AuthSettings
 from trio_bridge.config import Address, ConfigError, TcpAddress, UnixAddress
@@ -226,7 +227,7 @@ async def test_a_path_token_reaches_no_log_line_and_no_recording(
         recorder = await nursery.start(Recorder(folder).run)
         running.bridge.observers = recorder
         url = f"ws://127.0.0.1:{running.port}/vnc/Tok-A1b2?password=Pw-E5f6"
-        async with connect(url, subprotocols=["binary"]) as ws:
+        async with connect(url, subprotocols=[Subprotocol("binary")]) as ws:
             await check_echo(ws, b"hello")
         (recording,) = await recorder.wait_finished(1)
         await refused(running, "/vnc/Tok-G7h8", 404, "Unknown token")

@@ -22,6 +22,7 @@ import trio
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 from websockets.trio.client import connect
+from websockets.typing import Subprotocol
 
 from trio_bridge.addons import Addons
 from trio_bridge.auth import AuthSettings
@@ -68,9 +69,9 @@ async def fetch(
             while chunk := await stream.receive_some(65536):
                 data += chunk
     header_block, _, body = data.partition(b"\r\n\r\n")
-    status_line, *fields = header_block.decode("latin-1").split("\r\n")
+    status_line, *header_lines = header_block.decode("latin-1").split("\r\n")
     parsed = Headers()
-    for field in fields:
+    for field in header_lines:
         name, _, value = field.partition(":")
         parsed[name.strip()] = value.strip()
     return Reply(int(status_line.split()[1]), parsed, body)
@@ -336,7 +337,7 @@ def test_web_root_must_be_a_folder(tmp_path: Path) -> None:
 
 async def test_websocket_upgrades_still_reach_the_target(web: WebBridge) -> None:
     with trio.fail_after(10):
-        async with connect(web.url, subprotocols=["binary"]) as ws:
+        async with connect(web.url, subprotocols=[Subprotocol("binary")]) as ws:
             await ws.send(b"through the relay")
             assert await ws.recv() == b"through the relay"
     assert (await fetch(web.port, "/websockify")).status == 404  # plain GET: a file request
@@ -348,7 +349,7 @@ async def test_file_only_serves_files_and_refuses_every_upgrade(
     bridge = await start_web(web_root, file_only=True)
     assert (await fetch(bridge.port, "/hello.txt")).body == HELLO
     with trio.fail_after(10), pytest.raises(InvalidStatus) as refused:
-        async with connect(bridge.url, subprotocols=["binary"]):
+        async with connect(bridge.url, subprotocols=[Subprotocol("binary")]):
             pass
     assert refused.value.response.status_code == 403
     assert b"--file-only" in refused.value.response.body
