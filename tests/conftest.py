@@ -53,8 +53,13 @@ async def echo(stream: trio.SocketStream) -> None:
         await stream.send_all(chunk)
 
 
+StartTarget = Callable[[Handler], Awaitable[TcpTarget]]
+# Relay tests that must hold on both downstream paths.
+ZERO_COPY = pytest.mark.parametrize("zero_copy", [True, False], ids=["splice", "framed"])
+
+
 @pytest.fixture
-async def start_target(nursery: trio.Nursery) -> Callable[[Handler], Awaitable[TcpTarget]]:
+async def start_target(nursery: trio.Nursery) -> StartTarget:
     async def start(handler: Handler) -> TcpTarget:
         target: TcpTarget = await nursery.start(TcpTarget(handler).serve)
         return target
@@ -63,7 +68,7 @@ async def start_target(nursery: trio.Nursery) -> Callable[[Handler], Awaitable[T
 
 
 @pytest.fixture
-async def echo_target(start_target: Callable[[Handler], Awaitable[TcpTarget]]) -> TcpTarget:
+async def echo_target(start_target: StartTarget) -> TcpTarget:
     return await start_target(echo)
 
 

@@ -6,7 +6,6 @@ import logging
 import re
 import socket
 import struct
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,12 @@ from websockets.typing import Subprotocol
 from trio_bridge import Bridge, Config, Limits, TcpAddress, UnixAddress
 
 from .conftest import (
+    ZERO_COPY,
     BridgeStarter,
-    Handler,
     LogWaiter,
     RawClient,
     RunningBridge,
+    StartTarget,
     TcpTarget,
     check_echo,
     client_frame,
@@ -32,9 +32,6 @@ from .conftest import (
     healthy_session,
     loopback_listener,
 )
-
-StartTarget = Callable[[Handler], Awaitable[TcpTarget]]
-ZERO_COPY = pytest.mark.parametrize("zero_copy", [True, False], ids=["splice", "framed"])
 
 
 async def closed_with(ws: ClientConnection) -> Close:

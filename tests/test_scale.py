@@ -6,7 +6,7 @@ import hashlib
 import os
 import random
 import resource
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -15,9 +15,15 @@ from websockets.frames import Opcode
 from websockets.trio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
-from .conftest import BridgeStarter, Handler, RawClient, TcpTarget, check_echo, client_frame
-
-StartTarget = Callable[[Handler], Awaitable[TcpTarget]]
+from .conftest import (
+    BridgeStarter,
+    Handler,
+    RawClient,
+    StartTarget,
+    TcpTarget,
+    check_echo,
+    client_frame,
+)
 
 SESSIONS = 500
 

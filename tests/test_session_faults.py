@@ -12,7 +12,6 @@ import logging
 import os
 import tracemalloc
 from collections import Counter
-from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -38,11 +37,12 @@ from trio_bridge.tls import TargetTls
 from trio_bridge.transport import SocketTransport, StreamTransport
 
 from .conftest import (
+    ZERO_COPY,
     BridgeStarter,
-    Handler,
     LogWaiter,
     RawClient,
     RunningBridge,
+    StartTarget,
     TcpTarget,
     check_echo,
     healthy_session,
@@ -50,8 +50,6 @@ from .conftest import (
 )
 from .recording_support import receive_bytes
 
-StartTarget = Callable[[Handler], Awaitable[TcpTarget]]
-ZERO_COPY = pytest.mark.parametrize("zero_copy", [True, False], ids=["splice", "framed"])
 MIB = 1 << 20
 
 

@@ -16,7 +16,6 @@ import json
 import logging
 import posixpath
 import secrets
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,8 +40,8 @@ from trio_bridge.tokens.base import describe_token
 
 from .conftest import (
     BridgeStarter,
-    Handler,
     LogWaiter,
+    StartTarget,
     TcpTarget,
     check_echo,
     echo,
@@ -52,8 +51,6 @@ from .conftest import (
 )
 from .security_support import exchange, redis_server, unix_echo
 from .test_tokens import _redis_set, refused, relays, tokens
-
-StartTarget = Callable[[Handler], Awaitable[TcpTarget]]
 
 # 70 x U+00E4: one label of 140+ bytes once IDNA-encoded (63 is the most there may be).
 INVALID_IDNA = "ä" * 70 + ".example"

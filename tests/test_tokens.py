@@ -6,7 +6,6 @@ import base64
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,10 +24,10 @@ from trio_bridge.tokens.resp import RedisConnection
 
 from .conftest import (
     BridgeStarter,
-    Handler,
     LogWaiter,
     RawClient,
     RunningBridge,
+    StartTarget,
     TcpTarget,
     check_echo,
     client_frame,
@@ -37,8 +36,6 @@ from .conftest import (
     ws_request,
 )
 from .security_support import exchange, redis_server, unix_echo
-
-StartTarget = Callable[[Handler], Awaitable[TcpTarget]]
 
 
 async def relays(running: RunningBridge, path: str) -> None:

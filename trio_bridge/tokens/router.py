@@ -169,21 +169,15 @@ class TokenRouter:
                 exc,
             )
             raise _refuse(BAD_GATEWAY, "The token names an unusable target") from None
-        except PluginAnswerError as exc:
-            log.error(
-                "client %s: token plugin %s %s",
-                client,
-                self.plugin_name(),
-                exc,
-            )
-            raise _refuse(INTERNAL_ERROR, "Internal error while looking the token up") from None
         except Exception as exc:
-            log.error(
-                "client %s: token plugin %s raised %s",
-                client,
-                self.plugin_name(),
-                describe_failure(exc),
+            # A wrong answer says what it was; an exception only its type and place (its
+            # message may quote the token).
+            what = (
+                str(exc)
+                if isinstance(exc, PluginAnswerError)
+                else f"raised {describe_failure(exc)}"
             )
+            log.error("client %s: token plugin %s %s", client, self.plugin_name(), what)
             raise _refuse(INTERNAL_ERROR, "Internal error while looking the token up") from None
         if not self.allow.allows(target):
             log.warning(
