@@ -28,7 +28,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -403,15 +403,15 @@ def _requests_property(doors: Harness, name: str, data: st.DataObject) -> None:
 KNOWN_REQUEST_DEFECTS: dict[str, str] = {}
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_REQUEST_DEFECTS[n]))
-        if n in KNOWN_REQUEST_DEFECTS
-        else n
-        for n in DOORS
-    ],
-)
+def doors_marked(names: Iterable[str], known: dict[str, str]) -> list[Any]:
+    """``names`` as parameters, those with a known defect marked strict xfail."""
+    return [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=known[n])) if n in known else n
+        for n in names
+    ]
+
+
+@pytest.mark.parametrize("name", doors_marked(DOORS, KNOWN_REQUEST_DEFECTS))
 def test_every_request_gets_an_answer_or_a_clean_close(doors: Harness, name: str) -> None:
     fuzz(_requests_property, REQUEST_EXAMPLES, name)(doors, name)
 
@@ -574,15 +574,7 @@ def _frames_property(doors: Harness, name: str, data: st.DataObject) -> None:
 KNOWN_FRAME_DEFECTS: dict[str, str] = {}
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FRAME_DEFECTS[n]))
-        if n in KNOWN_FRAME_DEFECTS
-        else n
-        for n in WS_DOORS
-    ],
-)
+@pytest.mark.parametrize("name", doors_marked(WS_DOORS, KNOWN_FRAME_DEFECTS))
 def test_frames_after_the_upgrade_close_cleanly(doors: Harness, name: str) -> None:
     fuzz(_frames_property, FRAME_EXAMPLES, name)(doors, name)
 
