@@ -66,8 +66,6 @@ GOING_AWAY = 1001
 # only while fewer than this many do; beyond that it is closed at once.
 REFUSAL_LINGER = 0.25
 MAX_LINGERING_REFUSALS = 64
-# Events a client can repeat at will are logged once, then counted per interval.
-LOG_INTERVAL = 60.0
 
 
 class Bridge:
