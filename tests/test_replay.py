@@ -11,7 +11,7 @@ from websockets.typing import Subprotocol
 
 from trio_bridge.observe import Direction
 from trio_bridge.pytest_plugin import StartBridge, StartReplay
-from trio_bridge.recording import Kind, load_recording
+from trio_bridge.recording import GapRecord, Kind, load_recording
 from trio_bridge.recording.format import Meta
 from trio_bridge.recording.writer import RecordingFile
 from trio_bridge.replay import drive
@@ -94,20 +94,28 @@ async def test_serve_reports_a_client_message_that_differs(
     assert text.endswith("DIFFERENT")
 
 
-def timed_recording(path: Path) -> Path:
-    """Two target messages 400 ms apart, then the target closes."""
+UP, DOWN = 0x01, 0x03  # record flags of a final frame each way
+
+
+def write_recording(path: Path, frames: list[tuple[Kind, int, int, bytes]]) -> Path:
+    """A recording of ``frames`` (kind, flags, time in µs, payload), without an END."""
     file = RecordingFile(path)
-    meta = Meta("7157ed00", "c:1", "t:2", "/", None, 0.0)
-    file.append(
-        [
-            (Kind.META, 0, 0, meta.encode()),
-            (Kind.BINARY, 0x03, 1_000, b"first"),
-            (Kind.BINARY, 0x03, 401_000, b"second"),
-            (Kind.CLOSE, 0x03, 402_000, b"\x03\xe8target closed the connection"),
-        ]
-    )
+    file.append([(Kind.META, 0, 0, Meta("7157ed00", "c:1", "t:2", "/", None, 0.0).encode())])
+    file.append(frames)
     file.close(sync=False)
     return path
+
+
+def timed_recording(path: Path) -> Path:
+    """Two target messages 400 ms apart, then the target closes."""
+    return write_recording(
+        path,
+        [
+            (Kind.BINARY, DOWN, 1_000, b"first"),
+            (Kind.BINARY, DOWN, 401_000, b"second"),
+            (Kind.CLOSE, DOWN, 402_000, b"\x03\xe8target closed the connection"),
+        ],
+    )
 
 
 @pytest.mark.parametrize("speed, delay, low, high", [(2.0, True, 0.19, 0.35), (1.0, False, 0, 0.1)])
@@ -140,18 +148,14 @@ async def test_serve_sends_a_fragmented_message_then_the_recorded_close(
     """A text message in two frames (a character split between them), then a close right
     after: websockets refuses a close in the middle of a message (1011), so the player
     waits until the message has gone."""
-    path = tmp_path / "fragmented.tbrec"
-    file = RecordingFile(path)
-    meta = Meta("7157ed01", "c:1", "t:2", "/", None, 0.0)
-    file.append(
+    path = write_recording(
+        tmp_path / "fragmented.tbrec",
         [
-            (Kind.META, 0, 0, meta.encode()),
             (Kind.TEXT, 0x02, 1_000, b"caf\xc3"),
-            (Kind.CONT, 0x03, 2_000, b"\xa9 ok"),
-            (Kind.CLOSE, 0x03, 3_000, (4000).to_bytes(2, "big") + b"done"),
-        ]
+            (Kind.CONT, DOWN, 2_000, b"\xa9 ok"),
+            (Kind.CLOSE, DOWN, 3_000, (4000).to_bytes(2, "big") + b"done"),
+        ],
     )
-    file.close(sync=False)
     server = await start_replay_server(path, delay=False)
     with trio.fail_after(10):
         async with connect(server.url) as ws:
@@ -161,6 +165,34 @@ async def test_serve_sends_a_fragmented_message_then_the_recorded_close(
         (report,) = await server.wait_reports(1)
     assert report.ok, report.lines()
     assert report.sent_frames == 3
+
+
+def questions_recording(path: Path, answer: bytes = b"answer", close: int = 4001) -> Path:
+    """The client asks q1 and q2; the target answers q1 (before a gap), then closes."""
+    gap = GapRecord(2_500, 2_500, 0, 0, 1, 3, "test").encode()
+    return write_recording(
+        path,
+        [
+            (Kind.TEXT, UP, 1_000, b"q1"),
+            *([(Kind.BINARY, DOWN, 2_000, answer)] if answer else []),
+            (Kind.GAP, 0, 2_500, gap),
+            (Kind.TEXT, UP, 3_000, b"q2"),
+            (Kind.CLOSE, DOWN, 4_000, close.to_bytes(2, "big") + b"bye"),
+        ],
+    )
+
+
+async def test_serve_in_lockstep_notes_a_client_that_closes_before_its_message(
+    tmp_path: Path, start_replay_server: StartReplay
+) -> None:
+    path = questions_recording(tmp_path / "q.tbrec")
+    server = await start_replay_server(path, lockstep=True, delay=False)
+    with trio.fail_after(10):
+        async with connect(server.url):
+            pass
+        (report,) = await server.wait_reports(1)
+    assert not report.ok and report.sent_frames == 0
+    assert report.note == "the client closed the connection early"
 
 
 # -- drive -----------------------------------------------------------------------------------
@@ -218,3 +250,29 @@ async def test_drive_reports_a_server_that_stops_early(
     assert report.missing_bytes == report.expected_bytes - len(GREETING)
     text = "\n".join(report.lines())
     assert f"the server sent {report.missing_bytes} bytes fewer than the recording" in text
+
+
+async def test_drive_through_websocket_matches_serve_of_the_same_recording(
+    tmp_path: Path, start_replay_server: StartReplay
+) -> None:
+    path = questions_recording(tmp_path / "q.tbrec")
+    server = await start_replay_server(path, lockstep=True, delay=False)
+    with trio.fail_after(10):
+        report = await drive(path, url=server.url, delay=False, timeout=5)
+    assert report.ok, "\n".join(report.lines())
+    assert report.sent_messages == 2 and report.received_bytes == len(b"answer")
+    (note,) = report.notes
+    assert note.startswith("the recording has a gap at 0.003 s (1 frames lost: test)")
+
+
+async def test_drive_reports_a_server_that_stalls_and_closes_with_another_code(
+    tmp_path: Path, start_replay_server: StartReplay
+) -> None:
+    other = questions_recording(tmp_path / "other.tbrec", answer=b"", close=4002)
+    server = await start_replay_server(other, lockstep=True, delay=False)
+    with trio.fail_after(10):
+        report = await drive(questions_recording(tmp_path / "q.tbrec"), url=server.url, timeout=0.5)
+    assert not report.ok and report.missing_bytes == len(b"answer")
+    assert report.close_problem == "recorded close 4001 'bye', got close 4002 'bye'"
+    (stall,) = report.stalls
+    assert stall.startswith("before the client message at 0.003 s: waited 0.5 s for the")
