@@ -243,69 +243,15 @@ class ReplayServer:
         async with trio.open_nursery() as nursery:
             sender = FrameSender(ws, nursery)
             nursery.start_soon(self._compare, ws, report, progress)
-            await self._play(sender, report, progress)
-            await self._finish(sender)
+            playback = _Playback(self, sender, report, progress)
+            await playback.play()
+            await playback.finish()
             nursery.cancel_scope.deadline = trio.current_time() + self.close_timeout
         self.reports.append(report)
         self._report_added.set()
         if self.on_report is not None:
             self.on_report(report)
         return report
-
-    # -- playing the target's side --------------------------------------------------------
-
-    async def _play(
-        self, sender: FrameSender, report: ServeReport, progress: _ClientProgress
-    ) -> None:
-        anchor = trio.current_time()
-        client_messages = 0
-        client_closed_first = False
-        with open_recording(self.recording) as reader:
-            assembler = MessageAssembler()
-            for record in reader:
-                if not isinstance(record, FrameRecord):
-                    continue
-                if record.direction is Direction.UP:
-                    if record.kind is Kind.CLOSE:
-                        client_closed_first = True
-                    if assembler.feed(record.kind, record.fin, record.payload) is None:
-                        continue
-                    client_messages += 1
-                    if self.lockstep:
-                        if not await progress.wait_for(client_messages):
-                            report.note = "the client closed the connection early"
-                            return
-                        anchor = trio.current_time() - record.time_us / 1e6 / self.speed
-                    continue
-                if record.kind is Kind.PONG:
-                    continue  # answers to the recorded client's pings; ours answer live ones
-                if self.delay:
-                    await trio.sleep_until(anchor + record.time_us / 1e6 / self.speed)
-                if record.kind is Kind.CLOSE and client_closed_first:
-                    # The recorded close was the echo of the client's: wait for this one's.
-                    with trio.move_on_after(self.close_timeout):
-                        await progress.closed.wait()
-                    report.played_to_end = True
-                    return
-                if progress.closed.is_set() or not await sender.send(
-                    record.kind, record.payload, record.fin
-                ):
-                    report.note = "the client closed the connection before the recording ended"
-                    return
-                report.sent_frames += 1
-                if self.on_progress is not None:
-                    self.on_progress(report.client, reader.position, trio.current_time() - anchor)
-                if record.kind is Kind.CLOSE:
-                    report.played_to_end = True
-                    return
-            report.played_to_end = True
-            if reader.status is not None and not reader.status.complete:
-                report.note = f"the recording is {reader.status.describe()}"
-
-    async def _finish(self, sender: FrameSender) -> None:
-        """End the session: close if the recording did not (waiting for the client's reply)."""
-        await sender.end_message()
-        await sender.ws.aclose(1000, "end of recording")
 
     # -- comparing the client's side ------------------------------------------------------
 
@@ -360,3 +306,78 @@ class ReplayServer:
             report.differences.append(difference)
         else:
             report.more_differences += 1
+
+
+# -- playing the target's side ------------------------------------------------------------
+
+
+@dataclass
+class _Playback:
+    """One client's play of the recorded target side: in time, and in step with the
+    live client when the server is in lockstep. The report says how far it got."""
+
+    server: ReplayServer
+    sender: FrameSender
+    report: ServeReport
+    progress: _ClientProgress
+    # The live time of the recording's time 0; a lockstep sync moves it.
+    anchor: float = field(init=False, default_factory=trio.current_time)
+    client: MessageAssembler = field(init=False, default_factory=MessageAssembler)
+    client_closed_first: bool = field(init=False, default=False)
+
+    async def play(self) -> None:
+        with open_recording(self.server.recording) as reader:
+            for record in reader:
+                if not isinstance(record, FrameRecord) or record.kind is Kind.PONG:
+                    continue  # pongs answered the recorded peer's pings; ours answer live ones
+                if record.direction is Direction.UP:
+                    go_on = await self._follow_client(record)
+                else:
+                    go_on = await self._send(record, reader.position)
+                if not go_on:
+                    return
+            self.report.played_to_end = True
+            if reader.status is not None and not reader.status.complete:
+                self.report.note = f"the recording is {reader.status.describe()}"
+
+    async def finish(self) -> None:
+        """End the session: close if the recording did not (waiting for the client's reply)."""
+        await self.sender.end_message()
+        await self.sender.ws.aclose(1000, "end of recording")
+
+    async def _follow_client(self, record: FrameRecord) -> bool:
+        """In lockstep, wait for the live client's message wherever the recorded client's
+        ended; False if the live client closed instead."""
+        self.client_closed_first |= record.kind is Kind.CLOSE
+        message = self.client.feed(record.kind, record.fin, record.payload)
+        if message is None or not self.server.lockstep:
+            return True
+        if not await self.progress.wait_for(self.client.count):
+            self.report.note = "the client closed the connection early"
+            return False
+        self.anchor = trio.current_time() - record.time_us / 1e6 / self.server.speed
+        return True
+
+    async def _send(self, record: FrameRecord, position: int) -> bool:
+        """Send a recorded target frame at its time; False once the session is over."""
+        server, report = self.server, self.report
+        if server.delay:
+            await trio.sleep_until(self.anchor + record.time_us / 1e6 / server.speed)
+        if record.kind is Kind.CLOSE and self.client_closed_first:
+            # The recorded close was the echo of the client's: wait for this one's.
+            with trio.move_on_after(server.close_timeout):
+                await self.progress.closed.wait()
+            report.played_to_end = True
+            return False
+        if self.progress.closed.is_set() or not await self.sender.send(
+            record.kind, record.payload, record.fin
+        ):
+            report.note = "the client closed the connection before the recording ended"
+            return False
+        report.sent_frames += 1
+        if server.on_progress is not None:
+            server.on_progress(report.client, position, trio.current_time() - self.anchor)
+        if record.kind is Kind.CLOSE:
+            report.played_to_end = True
+            return False
+        return True
