@@ -314,9 +314,10 @@ async def drive(
                     else _TcpConnection(opened)
                 )
                 nursery.start_soon(connection.receive_into, comparison)
-                await _play_client(
-                    path, connection, comparison, report, speed, delay, timeout, on_progress
+                playback = _ClientPlayback(
+                    connection, comparison, report, speed, delay, timeout, on_progress
                 )
+                await playback.play(path)
                 nursery.cancel_scope.cancel()
             # What the recording did not close is cut, not closed with a handshake.
             await trio.aclose_forcefully(opened)
@@ -372,115 +373,123 @@ async def _open(
         raise _CannotConnect(f"{url} refused the WebSocket: {exc}") from None
 
 
-async def _play_client(
-    path: Path,
-    connection: _Connection,
-    comparison: StreamComparison,
-    report: DriveReport,
-    speed: float,
-    delay: bool,
-    timeout: float,
-    on_progress: Callable[[int, float], None] | None,
-) -> None:
-    anchor = trio.current_time()
-    seen_down = 0  # recorded target->client bytes before the current point
-    recorded_close: tuple[int | None, str] | None = None  # closed by the server side
-    client_closed = False
-    with open_recording(path) as reader:
-        for record in reader:
-            if isinstance(record, GapRecord):
-                report.notes.append(
-                    f"the recording has a gap at {record.time_us / 1e6:.3f} s "
-                    f"({record.total_frames} frames lost: {record.reason}); "
-                    "divergences after it may come from the recording"
-                )
-                continue
-            if not isinstance(record, FrameRecord):
-                continue
-            if record.direction is Direction.DOWN:
-                if record.is_data:
-                    seen_down += len(record.payload)
-                elif record.kind is Kind.CLOSE and not client_closed:
-                    recorded_close = close_payload(record.payload)
-                continue
-            if record.kind is Kind.PONG:
-                continue  # answers to the recorded server's pings; ours answer live ones
-            seconds = record.time_us / 1e6
-            if not report.stalls and not await _wait_for_server(
-                comparison, connection, seen_down, timeout
-            ):
-                report.stalls.append(
-                    f"before the client message at {seconds:.3f} s: waited {timeout:g} s for "
-                    f"the server's first {seen_down} bytes, got {comparison.compared}; "
-                    "later messages were sent without waiting"
-                )
-            now = trio.current_time()
-            anchor = max(anchor, now - seconds / speed)  # keep spacing after a sync point
-            if delay:
-                await trio.sleep_until(anchor + seconds / speed)
-            if connection.eof.is_set() or not await connection.send(record):
-                report.notes.append(
-                    f"the server closed the connection before the client message at {seconds:.3f} s"
-                )
-                break
-            if record.kind is Kind.CLOSE:
-                client_closed = True
-            elif record.is_data and record.fin:
-                report.sent_messages += 1
-            if on_progress is not None:
-                on_progress(reader.position, trio.current_time() - anchor)
-    await _wait_for_server(comparison, connection, seen_down, timeout)
-    await _end_like_recording(connection, recorded_close, client_closed, report, timeout)
+@dataclass
+class _ClientPlayback:
+    """Sends the recorded client side in the recording's order of cause and effect, and
+    in its time; the report gets the stalls, the notes and how the session ended."""
 
+    connection: _Connection
+    comparison: StreamComparison
+    report: DriveReport
+    speed: float
+    delay: bool
+    timeout: float
+    on_progress: Callable[[int, float], None] | None
+    # The live time of the recording's time 0; a sync point moves it later.
+    anchor: float = field(init=False, default_factory=trio.current_time)
+    seen_down: int = field(init=False, default=0)  # recorded target->client bytes so far
+    recorded_close: tuple[int | None, str] | None = field(init=False, default=None)
+    client_closed: bool = field(init=False, default=False)
 
-async def _wait_for_server(
-    comparison: StreamComparison, connection: _Connection, count: int, timeout: float
-) -> bool:
-    """True when the server has sent ``count`` bytes (False: timeout or it closed)."""
-    with trio.move_on_after(timeout):
-        async with trio.open_nursery() as nursery:
+    async def play(self, path: Path) -> None:
+        with open_recording(path) as reader:
+            for record in reader:
+                if isinstance(record, GapRecord):
+                    self.report.notes.append(
+                        f"the recording has a gap at {record.time_us / 1e6:.3f} s "
+                        f"({record.total_frames} frames lost: {record.reason}); "
+                        "divergences after it may come from the recording"
+                    )
+                if not isinstance(record, FrameRecord) or record.kind is Kind.PONG:
+                    continue  # pongs answered the recorded peer's pings; ours answer live ones
+                if record.direction is Direction.DOWN:
+                    self._follow_server(record)
+                    continue
+                if not await self._send(record):
+                    break
+                if self.on_progress is not None:
+                    self.on_progress(reader.position, trio.current_time() - self.anchor)
+        await self._wait_for_server(self.seen_down)
+        await self._end_like_recording()
 
-            async def stop_at_eof() -> None:
-                await connection.eof.wait()
+    def _follow_server(self, record: FrameRecord) -> None:
+        """Count what the recorded client had received; keep the server's close, unless
+        it answered the client's."""
+        if record.is_data:
+            self.seen_down += len(record.payload)
+        elif record.kind is Kind.CLOSE and not self.client_closed:
+            self.recorded_close = close_payload(record.payload)
+
+    async def _send(self, record: FrameRecord) -> bool:
+        """Send a recorded client frame when its time comes; False if the server closed."""
+        seconds = record.time_us / 1e6
+        await self._pace(seconds)
+        if self.connection.eof.is_set() or not await self.connection.send(record):
+            self.report.notes.append(
+                f"the server closed the connection before the client message at {seconds:.3f} s"
+            )
+            return False
+        if record.kind is Kind.CLOSE:
+            self.client_closed = True
+        elif record.is_data and record.fin:
+            self.report.sent_messages += 1
+        return True
+
+    async def _pace(self, seconds: float) -> None:
+        """Wait until the server has sent what the recorded client had received by then
+        (after one such wait times out, no more), then until the recorded time."""
+        if not self.report.stalls and not await self._wait_for_server(self.seen_down):
+            self.report.stalls.append(
+                f"before the client message at {seconds:.3f} s: waited {self.timeout:g} s "
+                f"for the server's first {self.seen_down} bytes, got {self.comparison.compared}; "
+                "later messages were sent without waiting"
+            )
+        # A server slower than recorded moves the anchor: the spacing after a sync point stays.
+        self.anchor = max(self.anchor, trio.current_time() - seconds / self.speed)
+        if self.delay:
+            await trio.sleep_until(self.anchor + seconds / self.speed)
+
+    async def _wait_for_server(self, count: int) -> bool:
+        """True when the server has sent ``count`` bytes (False: timeout or it closed)."""
+        comparison, eof = self.comparison, self.connection.eof
+        with trio.move_on_after(self.timeout):
+            async with trio.open_nursery() as nursery:
+
+                async def stop_at_eof() -> None:
+                    await eof.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(stop_at_eof)
+                await comparison.wait_for(count)
                 nursery.cancel_scope.cancel()
+        return comparison.compared + comparison.extra_count >= count
 
-            nursery.start_soon(stop_at_eof)
-            await comparison.wait_for(count)
-            nursery.cancel_scope.cancel()
-    return comparison.compared + comparison.extra_count >= count
-
-
-async def _end_like_recording(
-    connection: _Connection,
-    recorded_close: tuple[int | None, str] | None,
-    client_closed: bool,
-    report: DriveReport,
-    timeout: float,
-) -> None:
-    """Let the session end as the recorded one did, and compare how it ended."""
-    if client_closed:
+    async def _end_like_recording(self) -> None:
+        """Let the session end as the recorded one did, and compare how it ended."""
+        connection, recorded, timeout = self.connection, self.recorded_close, self.timeout
+        if self.client_closed:
+            with trio.move_on_after(timeout):
+                await connection.eof.wait()
+            return
+        if recorded is None:
+            return  # the recording stops mid-session: nothing to compare
         with trio.move_on_after(timeout):
             await connection.eof.wait()
-        return
-    if recorded_close is None:
-        return  # the recording stops mid-session: nothing to compare
-    with trio.move_on_after(timeout):
-        await connection.eof.wait()
-    if not connection.eof.is_set():
-        report.close_problem = (
-            f"the server did not close within {timeout:g} s; in the recording it closed "
-            f"with {_describe_close(recorded_close)}"
-        )
-        return
-    if isinstance(connection, _WsConnection):
-        got = connection.close_got
-        if got is None or got[0] != recorded_close[0]:
-            got_text = _describe_close(got) if got is not None else "no close frame"
-            report.close_problem = f"recorded {_describe_close(recorded_close)}, got {got_text}"
-        elif got[1] != recorded_close[1]:
-            report.notes.append(
-                f"same close code, another reason: recorded {recorded_close[1]!r}, got {got[1]!r}"
+        if not connection.eof.is_set():
+            self.report.close_problem = (
+                f"the server did not close within {timeout:g} s; in the recording it closed "
+                f"with {_describe_close(recorded)}"
             )
+            return
+        if isinstance(connection, _WsConnection):
+            got = connection.close_got
+            if got is None or got[0] != recorded[0]:
+                got_text = _describe_close(got) if got is not None else "no close frame"
+                self.report.close_problem = f"recorded {_describe_close(recorded)}, got {got_text}"
+            elif got[1] != recorded[1]:
+                self.report.notes.append(
+                    f"same close code, another reason: recorded {recorded[1]!r}, got {got[1]!r}"
+                )
 
 
 def _describe_close(close: tuple[int | None, str]) -> str:
