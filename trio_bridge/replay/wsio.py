@@ -48,19 +48,11 @@ class FrameSender:
 
     async def send(self, kind: Kind, payload: bytes, fin: bool = True) -> bool:
         """Send one recorded frame; False when the connection is no longer open."""
-        ws = self.ws
-        if ws.state is not State.OPEN:
+        if self.ws.state is not State.OPEN:
             return False
         try:
             if kind in (Kind.TEXT, Kind.BINARY):
-                await self.end_message()  # only in a damaged recording: one left unfinished
-            if kind in (Kind.TEXT, Kind.BINARY) and fin:
-                await ws.send(payload, text=kind is Kind.TEXT)
-            elif kind in (Kind.TEXT, Kind.BINARY):
-                self._fragments, fragments = trio.open_memory_channel[bytes](0)
-                self._message_sent = trio.Event()
-                self._nursery.start_soon(self._send_fragments, fragments, kind is Kind.TEXT)
-                await self._fragments.send(payload)
+                await self._start_message(kind is Kind.TEXT, payload, fin)
             elif kind is Kind.CONT:
                 if self._fragments is not None and payload:
                     await self._fragments.send(payload)
@@ -68,19 +60,33 @@ class FrameSender:
                     await self.end_message()
             elif kind is Kind.PING:
                 with contextlib.suppress(ConcurrencyError):
-                    await ws.ping(payload)
+                    await self.ws.ping(payload)
             elif kind is Kind.PONG:
-                await ws.pong(payload)
+                await self.ws.pong(payload)
             elif kind is Kind.CLOSE:
-                await self.end_message()
-                code, reason = close_payload(payload)
-                sendable = code is not None and (code in _SENDABLE or 3000 <= code < 5000)
-                await ws.aclose(code if code is not None and sendable else 1000, reason)
+                await self._close(payload)
             else:
                 raise ValueError(f"{kind!r} is not a frame kind")
         except (ConnectionClosed, trio.BrokenResourceError):
             return False
         return True
+
+    async def _start_message(self, text: bool, payload: bytes, fin: bool) -> None:
+        await self.end_message()  # only in a damaged recording: one left unfinished
+        if fin:
+            await self.ws.send(payload, text=text)
+            return
+        self._fragments, fragments = trio.open_memory_channel[bytes](0)
+        self._message_sent = trio.Event()
+        self._nursery.start_soon(self._send_fragments, fragments, text)
+        await self._fragments.send(payload)
+
+    async def _close(self, payload: bytes) -> None:
+        await self.end_message()
+        code, reason = close_payload(payload)
+        if code is None or not (code in _SENDABLE or 3000 <= code < 5000):
+            code = 1000  # websockets sends only codes an endpoint may send
+        await self.ws.aclose(code, reason)
 
     async def end_message(self) -> None:
         """Finish the fragmented message being sent, if any, with its empty final frame.
