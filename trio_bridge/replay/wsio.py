@@ -54,10 +54,7 @@ class FrameSender:
             if kind in (Kind.TEXT, Kind.BINARY):
                 await self._start_message(kind is Kind.TEXT, payload, fin)
             elif kind is Kind.CONT:
-                if self._fragments is not None and payload:
-                    await self._fragments.send(payload)
-                if fin:
-                    await self.end_message()
+                await self._continue_message(payload, fin)
             elif kind is Kind.PING:
                 with contextlib.suppress(ConcurrencyError):
                     await self.ws.ping(payload)
@@ -80,6 +77,13 @@ class FrameSender:
         self._message_sent = trio.Event()
         self._nursery.start_soon(self._send_fragments, fragments, text)
         await self._fragments.send(payload)
+
+    async def _continue_message(self, payload: bytes, fin: bool) -> None:
+        # An empty last fragment is the final frame websockets adds when the message ends.
+        if self._fragments is not None and payload:
+            await self._fragments.send(payload)
+        if fin:
+            await self.end_message()
 
     async def _close(self, payload: bytes) -> None:
         await self.end_message()
