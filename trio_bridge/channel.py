@@ -6,6 +6,7 @@ Two relay tasks write to the same client (data from the target, pongs and close
 replies from the client's own frames), so every write goes through one lock and the
 protocol's pending output is taken only while holding it: bytes reach the client in
 the order the protocol produced them and a frame is never interleaved with another.
+Writes and the lock need not be checkpoints (see the contract in :mod:`trio_bridge.netio`).
 """
 
 from __future__ import annotations
@@ -13,40 +14,12 @@ from __future__ import annotations
 import trio
 from websockets.server import ServerProtocol
 
-from .netio import PEER_GONE, Bytes
+from .netio import PEER_GONE, Bytes, WriteTurn
 from .transport import Transport
 
 
 class ClientGone(Exception):
     """The client's connection failed (reset, broken pipe): nothing more can be sent to it."""
-
-
-class WriteTurn:
-    """``async with channel.write_turn:`` holds the write lock, without a scheduler round
-    trip when nobody else holds it (``trio.Lock.acquire`` always yields, which costs a
-    wakeup per relayed message).
-
-    ``torn`` becomes True when a turn ends by an exception (a cancelled or failed
-    write): the client may have part of a frame, so no further frame, not even a
-    close frame, can be framed after it.
-    """
-
-    __slots__ = ("_lock", "torn")
-
-    def __init__(self, lock: trio.StrictFIFOLock) -> None:
-        self._lock = lock
-        self.torn = False
-
-    async def __aenter__(self) -> None:
-        if self._lock.locked():
-            await self._lock.acquire()
-        else:
-            self._lock.acquire_nowait()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if exc_type is not None:
-            self.torn = True
-        self._lock.release()
 
 
 class ClientChannel:
@@ -55,7 +28,7 @@ class ClientChannel:
         self.protocol = protocol
         self.peer = peer
         self.eof_sent = False
-        self.write_turn = WriteTurn(trio.StrictFIFOLock())
+        self.write_turn = WriteTurn()
 
     async def flush(self) -> None:
         """Send everything the protocol has queued, in order; half-close on its EOF marker.

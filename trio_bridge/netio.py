@@ -1,15 +1,37 @@
-"""Non-blocking socket I/O for Trio with one await per wait, not per call.
+"""Checkpoint-free I/O: the one module where an ``await`` may return without a checkpoint.
 
-Trio's socket wrappers put a checkpoint in every call; on a relay that forwards many
-small messages the scheduler round trips dominate the CPU cost. These helpers try the
-system call first and only park in :func:`trio.lowlevel.wait_readable` /
-:func:`~trio.lowlevel.wait_writable` when the kernel says ``EAGAIN``. Loops built on them
-must still yield now and then (see :class:`Fairness`) so a busy session cannot starve
-the others.
+Trio's rule is that every async call is a checkpoint: it may switch tasks, and it
+delivers cancellation. Trio's socket wrappers keep it with a scheduler round trip per
+call, and a relay forwarding many small messages is then mostly scheduler (with one
+wake-up per wait, as here, Trio's scheduler is still a quarter of a round trip's CPU:
+docs/performance.md). The relay breaks the rule here, and only here, under this contract:
+
+- **Checkpoint-free.** :func:`recv`, :func:`send_all` and :func:`splice_all` try the
+  system call first and return without yielding when the kernel does not say
+  ``EAGAIN``; :class:`WriteTurn` takes a free lock without yielding. Sockets are
+  non-blocking, so none of them ever blocks the thread.
+- **Every wait is a checkpoint.** They park only in ``trio.lowlevel.wait_readable`` /
+  ``wait_writable`` or in a contended lock's ``acquire``, which let other tasks run and
+  raise ``Cancelled``.
+- **Fairness bounds the rest.** A loop whose socket may always be ready must tick a
+  :class:`Fairness` once per pass: it yields, a full checkpoint, after every 16 passes
+  that did not wait. :func:`recv` and :func:`drain_until_eof` tick theirs; the
+  writes do not, because in every relay loop a write follows a read that ticked and
+  finishes once its bytes are out. So a busy session runs at most 16 reads (and
+  their writes) between checkpoints, and other sessions and cancellation get their turn.
+- **Who relies on it.** What is built on these inherits the contract: the transports
+  (:mod:`trio_bridge.transport`), the client's ordered writes
+  (:mod:`trio_bridge.channel`), the session's relay loops (:mod:`trio_bridge.session`)
+  and the splice loop (:mod:`trio_bridge.zerocopy`, one tick per chunk). The accept
+  loop and the file server's sendfile loop tick a :class:`Fairness` of their own.
+
+tests/test_checkpoints.py holds the relay to it: a session flooding either way leaves
+another session's round trips prompt, and a bridge cancelled mid-flood stops at once.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -43,13 +65,20 @@ class Fairness:
         self._left = self._every
 
 
-async def recv(sock: socket.socket, max_bytes: int, fairness: Fairness) -> bytes:
+async def recv(
+    sock: socket.socket, max_bytes: int, fairness: Fairness, *, wait_first: bool = False
+) -> bytes:
     """Receive up to ``max_bytes``; b"" means EOF. Raises the ``PEER_GONE`` errors on reset.
 
+    ``wait_first``: the caller knows the socket is empty (its last read came back
+    short), so wait rather than spend a system call and an exception learning that again.
     Returning a fresh ``bytes`` rather than filling a session-owned buffer means an idle
     session holds no buffer at all (thousands of idle sessions are the common case), and
     websockets takes the bytes without another copy.
     """
+    if wait_first:
+        await trio.lowlevel.wait_readable(sock)
+        fairness.waited()
     while True:
         try:
             data = sock.recv(max_bytes)
@@ -76,16 +105,62 @@ async def send_all(sock: socket.socket, data: Bytes, flags: int = 0) -> None:
         view = view[sent:]
 
 
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+
+async def splice_all(pipe_read: int, sock: socket.socket, count: int) -> None:
+    """Move ``count`` bytes from a pipe to ``sock`` with splice(2), waiting for the socket
+    to drain as needed; raises the ``PEER_GONE`` errors."""
+    while count:
+        try:
+            count -= os.splice(pipe_read, sock.fileno(), count, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+
+
 async def drain_until_eof(sock: socket.socket) -> None:
-    """Read and discard until the peer's EOF (or a reset); callers bound the time."""
+    """Read and discard until the peer's EOF (or a reset); callers bound the time, which
+    the Fairness ticks let them do even against a peer that never stops sending."""
+    fairness = Fairness()
     while True:
         try:
             if not sock.recv(65536):
                 return
         except BlockingIOError:
             await trio.lowlevel.wait_readable(sock)
+            fairness.waited()
+            continue
         except OSError:
             return
+        await fairness.tick()
+
+
+class WriteTurn:
+    """``async with write_turn:`` holds a write lock, without a scheduler round trip when
+    nobody else holds it (``trio.Lock.acquire`` always yields, which costs a wakeup per
+    relayed message). A contended turn waits in FIFO order, a checkpoint.
+
+    ``torn`` becomes True when a turn ends by an exception (a cancelled or failed
+    write): the client may have part of a frame, so no further frame, not even a
+    close frame, can be framed after it.
+    """
+
+    __slots__ = ("_lock", "torn")
+
+    def __init__(self) -> None:
+        self._lock = trio.StrictFIFOLock()
+        self.torn = False
+
+    async def __aenter__(self) -> None:
+        if self._lock.locked():
+            await self._lock.acquire()
+        else:
+            self._lock.acquire_nowait()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is not None:
+            self.torn = True
+        self._lock.release()
 
 
 def close_socket(sock: socket.socket) -> None:

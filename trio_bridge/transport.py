@@ -1,10 +1,11 @@
 """Byte streams at either end of a session: a plain socket, or a Trio stream (TLS).
 
-The relay only needs "read some bytes", "write all of these" and
-"close". :class:`SocketTransport` does that with direct non-blocking system calls (see
-:mod:`trio_bridge.netio`) and exposes the socket so the zero-copy path can splice it;
-:class:`StreamTransport` adapts any :class:`trio.abc.Stream`, such as a
-:class:`trio.SSLStream`, whose bytes must pass through Python anyway.
+The relay only needs "read some bytes", "write all of these" and "close".
+:class:`SocketTransport` does that with direct non-blocking system calls, which need not
+be checkpoints (see the contract in :mod:`trio_bridge.netio`), and exposes the socket so
+the zero-copy path can splice it; :class:`StreamTransport` adapts any
+:class:`trio.abc.Stream`, such as a :class:`trio.SSLStream`, whose bytes must pass
+through Python anyway.
 
 Both raise the built-in connection errors (``ConnectionResetError``,
 ``BrokenPipeError``) when the peer is gone, so callers handle one family of errors.
@@ -51,13 +52,8 @@ class SocketTransport(Transport):
         self._drained = False
 
     async def recv(self, max_bytes: int) -> bytes:
-        if self._drained:
-            # The last read came back short, so the socket was empty: wait first
-            # rather than spend a system call and an exception learning that again.
-            await trio.lowlevel.wait_readable(self._sock)
-            self._fairness.waited()
-        data = await recv(self._sock, max_bytes, self._fairness)
-        self._drained = 0 < len(data) < max_bytes
+        data = await recv(self._sock, max_bytes, self._fairness, wait_first=self._drained)
+        self._drained = 0 < len(data) < max_bytes  # a short read emptied the socket
         return data
 
     async def send_all(self, data: Bytes, *, more: bool = False) -> None:
