@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import pytest
 import trio
@@ -110,13 +109,16 @@ import logging  # noqa: E402
 from collections.abc import AsyncGenerator, Iterator  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
 
+from websockets.client import ClientProtocol  # noqa: E402
 from websockets.frames import Close, Frame, Opcode  # noqa: E402
 from websockets.http11 import Response  # noqa: E402
-from websockets.streams import StreamReader  # noqa: E402
+from websockets.protocol import State  # noqa: E402
 from websockets.trio.client import ClientConnection, connect  # noqa: E402
 from websockets.typing import Subprotocol  # noqa: E402
+from websockets.uri import parse_uri  # noqa: E402
 
 WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455's sample key
+ANY_URI = parse_uri("ws://127.0.0.1/")  # protocols that only parse never use it
 
 
 def ws_request(path: str = "/", **headers: str | None) -> bytes:
@@ -141,12 +143,16 @@ def client_frame(opcode: Opcode, data: bytes, *, fin: bool = True, mask: bool = 
 
 class RawClient:
     """A real TCP client sending bytes we choose; what the server sends back is parsed with
-    websockets' own HTTP and frame parsers, never assumed."""
+    websockets' sans-I/O client protocol, never assumed."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.reader = StreamReader()
+        self.buffer = bytearray()  # received, not yet parsed
+        self.eof = False
         self.reset = False
+        # Server frames, parsed by a protocol that starts past the handshake: the handshake
+        # request is ours, hand-made, and the protocol only checks requests it made itself.
+        self.frames = ClientProtocol(ANY_URI, state=State.OPEN, max_size=None)
         host, port = stream.socket.getsockname()[:2]
         self.local_address = f"{host}:{port}"  # as the bridge logs the client
 
@@ -157,31 +163,39 @@ class RawClient:
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
 
-    async def _feed(self) -> None:
-        if self.reader.eof:
+    async def _receive(self) -> None:
+        if self.eof:
             raise EOFError("the server closed the connection")
         try:
             data = await self.stream.receive_some(65536)
         except trio.BrokenResourceError:
             self.reset, data = True, b""
-        if data:
-            self.reader.feed_data(data)
-        else:
-            self.reader.feed_eof()
+        self.eof = not data
+        self.buffer += data
 
-    async def _run(self, parser: Any) -> Any:
-        try:
-            while True:
-                next(parser)
-                await self._feed()
-        except StopIteration as done:
-            return done.value
+    async def _next_event(self, protocol: ClientProtocol) -> object:
+        """The protocol's next event. It gets one byte at a time so that the bytes after the
+        event stay in the buffer: the protocol would discard them after a response or a
+        close, and the tests check them."""
+        while True:
+            if not self.buffer:
+                await self._receive()
+            if not self.buffer:
+                protocol.receive_eof()  # a response may last until EOF
+            else:
+                protocol.receive_data(self.buffer[:1])
+                del self.buffer[:1]
+            if events := protocol.events_received():
+                return events[0]
+            if protocol.close_expected() or (self.eof and not self.buffer):  # failed or cut short
+                protocol.receive_eof()
+                raise protocol.handshake_exc or protocol.close_exc
 
     async def read_response(self) -> Response:
-        reader = self.reader
-        response: Response = await self._run(
-            Response.parse(reader.read_line, reader.read_exact, reader.read_to_eof)
-        )
+        # A fresh protocol per response, its handshake checks ignored (it did not make our
+        # request): the tests judge the status and headers themselves.
+        response = await self._next_event(ClientProtocol(ANY_URI))
+        assert isinstance(response, Response), response
         return response
 
     async def handshake(self, path: str = "/") -> None:
@@ -190,22 +204,25 @@ class RawClient:
         assert response.status_code == 101, response
 
     async def read_frame(self) -> Frame:
-        frame: Frame = await self._run(Frame.parse(self.reader.read_exact, mask=False))
+        frame = await self._next_event(self.frames)
+        assert isinstance(frame, Frame), frame
         return frame
 
     async def read_close(self) -> Close:
         """Read the server's frames up to its close frame and decode the close payload."""
-        while True:
-            frame = await self.read_frame()
-            if frame.opcode is Opcode.CLOSE:
-                return Close.parse(frame.data)
+        while (await self.read_frame()).opcode is not Opcode.CLOSE:
+            pass
+        self.frames.receive_eof()  # it parses nothing after a close: let it report the close
+        close = self.frames.close_exc.rcvd
+        assert close is not None
+        return close
 
     async def read_to_eof(self) -> bytes:
-        """Everything the server sends until it closes (FIN or reset)."""
-        while not self.reader.eof:
-            await self._feed()
-        rest = bytes(self.reader.buffer)
-        self.reader.buffer.clear()
+        """Everything the server sends until it closes (FIN or reset), unparsed."""
+        while not self.eof:
+            await self._receive()
+        rest = bytes(self.buffer)
+        self.buffer.clear()
         return rest
 
     async def aclose(self) -> None:
