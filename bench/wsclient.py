@@ -20,7 +20,7 @@ import struct
 from websockets.client import ClientProtocol
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Response
-from websockets.protocol import OPEN
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
@@ -56,7 +56,7 @@ class Handshake:
         if not events:
             return False
         response = events[0]
-        if not isinstance(response, Response) or self.protocol.state is not OPEN:
+        if not isinstance(response, Response) or self.protocol.state is not State.OPEN:
             raise SessionFailed(f"unexpected handshake outcome: {response!r}")
         if len(events) > 1:  # the target only speaks when spoken to
             raise SessionFailed("the proxy sent data before the client did")
