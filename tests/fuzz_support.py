@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
-from websockets.http11 import parse_headers
-from websockets.streams import StreamReader
+from websockets.http11 import Response
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
+from websockets.uri import parse_uri
 
 from trio_bridge import Bridge, Config, Limits, TcpAddress
 from trio_bridge.addons import Addons
@@ -190,18 +191,15 @@ def parse_http(data: bytes, *, head: bool = False) -> HttpAnswer | None:
     match = STATUS_LINE.match(data)
     if match is None:
         raise Malformed(f"bad status line: {data[:200]!r}")
-    reader = StreamReader()
-    reader.feed_data(data[match.end() : end + 4])
-    reader.feed_eof()
-    parser = parse_headers(reader.read_line)
-    try:
-        next(parser)
-    except StopIteration as done:
-        headers: Headers = done.value
-    except Exception as exc:
-        raise Malformed(f"bad response headers ({exc}): {data[: end + 4]!r}") from None
-    else:
-        raise Malformed(f"incomplete response headers: {data[: end + 4]!r}")
+    # websockets parses headers as part of a response: behind a 204, which has no body, so
+    # the body rules (HEAD, Content-Length) stay this function's.
+    protocol = ClientProtocol(parse_uri("ws://127.0.0.1/"))
+    protocol.receive_data(b"HTTP/1.1 204 No Content\r\n" + data[match.end() : end + 4])
+    parsed = protocol.events_received()
+    if not parsed or not isinstance(parsed[0], Response):
+        cause = protocol.handshake_exc and protocol.handshake_exc.__cause__
+        raise Malformed(f"bad response headers ({cause}): {data[: end + 4]!r}")
+    headers = parsed[0].headers
     status = int(match.group(1))
     after = data[end + 4 :]
     lengths = headers.get_all("Content-Length")
