@@ -30,6 +30,7 @@ import codecs
 import logging
 import random
 import secrets
+import socket
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -41,10 +42,10 @@ from websockets.protocol import OPEN
 
 from .channel import ClientChannel, ClientGone
 from .config import Config, Limits
-from .netio import PEER_GONE, Bytes
+from .netio import PEER_GONE, Bytes, Fairness
 from .observe import Direction, SessionObserver
 from .transport import Transport
-from .zerocopy import SpliceDownstream, binary_frame_header
+from .zerocopy import SPLICE_AFTER, SPLICE_AVAILABLE, BurstEnd, binary_frame_header, splice_burst
 
 log = logging.getLogger("trio_bridge.session")
 
@@ -257,27 +258,63 @@ class Session:
             await self.target.send_all(data)
         except PEER_GONE:
             self._target_failed = True
-            self.target_reset()
+            self._target_reset()
+
+    # -- target -> client ------------------------------------------------------------
 
     async def _target_to_client(self) -> None:
         try:
-            # An observer (the recorder) must see every byte: observed sessions relay framed.
-            if self.config.zero_copy and self.observer is None and SpliceDownstream.usable(self):
-                await SpliceDownstream(self).run()
+            source = self._splice_source()
+            if source is not None:
+                await self._target_to_client_spliced(source)
             else:
-                await self._target_to_client_framed()
+                while await self._relay_framed_chunk():
+                    pass
         except ClientGone as exc:
             self._record_end(ABNORMAL, f"client connection failed: {exc}", "client")
             self._abort()
 
-    async def _target_to_client_framed(self) -> None:
-        """The portable path: every chunk goes through websockets' frame serialiser."""
-        while await self.relay_framed_chunk():
-            pass
+    def _splice_source(self) -> socket.socket | None:
+        """The target's socket if its data may be spliced to the client: zero copy is on,
+        nothing transforms the payload (deflate, TLS on either side), and nothing
+        observes it (an observer, such as the recorder, must see every byte)."""
+        if (
+            self.config.zero_copy
+            and SPLICE_AVAILABLE
+            and self.observer is None
+            and not self.protocol.extensions
+            and self.channel.transport.raw is not None
+        ):
+            return self.target.raw
+        return None
 
-    async def relay_framed_chunk(self) -> int:
+    async def _target_to_client_spliced(self, source: socket.socket) -> None:
+        """Frame what trickles, splice what streams (:mod:`trio_bridge.zerocopy`).
+
+        After a wait the first chunk goes framed: interactive traffic (keystrokes, small
+        screen updates) costs fewer system calls without a pipe, and an idle session
+        holds none (two descriptors each). Only a full read, the sign of a bulk stream,
+        switches to splicing until the target has nothing more to give.
+        """
+        fairness = Fairness()
+        counted = self._count_down
+        while (n := await self._relay_framed_chunk()) != 0:
+            if n < SPLICE_AFTER:
+                continue
+            end = await splice_burst(source, self.channel, fairness, counted)
+            if end is BurstEnd.EOF:
+                self._target_closed()
+            elif end is BurstEnd.RESET:
+                self._target_reset()
+            if end is not BurstEnd.IDLE:
+                return
+
+    def _count_down(self, n: int) -> None:
+        self.stats.bytes_down += n
+
+    async def _relay_framed_chunk(self) -> int:
         """Relay one chunk from the target as one binary message; its size, 0 when done."""
-        data = await self.read_target()
+        data = await self._read_target()
         protocol = self.protocol
         if not data or protocol.state is not OPEN:
             return 0
@@ -308,21 +345,21 @@ class Session:
                 await channel.send_raw(data)
         return True
 
-    async def read_target(self) -> bytes:
+    async def _read_target(self) -> bytes:
         """Read from the target; on EOF or failure, ask for the matching close and return b""."""
         try:
             data = await self.target.recv(RECV_SIZE)
         except PEER_GONE:
-            self.target_reset()
+            self._target_reset()
             return b""
         if not data:
-            self.target_closed()
+            self._target_closed()
         return data
 
-    def target_closed(self) -> None:
+    def _target_closed(self) -> None:
         self.request_close(NORMAL, "target closed the connection")
 
-    def target_reset(self) -> None:
+    def _target_reset(self) -> None:
         self.request_close(INTERNAL_ERROR, f"target {self.stats.target} reset the connection")
 
     # -- closing ---------------------------------------------------------------------

@@ -9,32 +9,39 @@ the CPU per byte relayed downstream, the direction that carries a VNC screen.
 Only used when nothing has to transform the payload: no permessage-deflate and no
 TLS; and the session chooses it only when nothing observes it (a recorder must see
 the bytes). Pipes come from a small process-wide pool (:mod:`trio_bridge.pipes`) and
-are held only while a chunk is in flight, so idle sessions cost no extra descriptors.
+are held only through a burst of bulk data, so idle sessions cost no extra descriptors.
+
+Nothing here knows a session: :func:`splice_burst` takes sockets, the client's channel
+and callbacks, and the session decides when to splice and what a burst's end means.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
+import socket
 import struct
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-import trio
 from websockets.protocol import OPEN
 
-from .channel import ClientGone
-from .netio import PEER_GONE, Fairness
-from .pipes import PIPE_SIZE, PIPES
+from .channel import ClientChannel, ClientGone
+from .logs import RateLimitedLog
+from .netio import PEER_GONE, SPLICE_FLAGS, Fairness, splice_all
+from .pipes import PIPE_SIZE, PIPES, Pipe
 
 log = logging.getLogger("trio_bridge.zerocopy")
 
-if TYPE_CHECKING:
-    from .session import Session
-
 CHUNK = PIPE_SIZE
-SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 OPCODE_BINARY_FIN = 0x82
 SPLICE_AFTER = 64 * 1024  # a framed read at least this large switches to splicing
+SPLICE_AVAILABLE = hasattr(os, "splice")  # Linux
+
+# Out of descriptors, every bulk session would say so at each full read.
+_no_pipe_log = RateLimitedLog(
+    log, lambda key, n, s: f"{n} more times no pipe for splice ({key}) in the last {s:g} s"
+)
 
 
 def binary_frame_header(length: int) -> bytes:
@@ -50,96 +57,72 @@ def binary_frame_header(length: int) -> bytes:
     return struct.pack("!BBQ", OPCODE_BINARY_FIN, 127, length)
 
 
-class SpliceDownstream:
-    """Relays target -> client for one session with splice(2)."""
+class BurstEnd(enum.Enum):
+    """Why :func:`splice_burst` returned, which decides what its caller does next."""
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
+    IDLE = "the source has nothing ready, or no pipe could be had: relay framed again"
+    EOF = "the source sent EOF"
+    RESET = "the source reset the connection"
+    CLOSING = "a close frame has gone out: no data frame may follow (RFC 6455 5.5.1)"
 
-    @staticmethod
-    def usable(session: Session) -> bool:
-        return (
-            hasattr(os, "splice")
-            and not session.protocol.extensions
-            and session.channel.transport.raw is not None
-            and session.target.raw is not None
-        )
 
-    async def run(self) -> None:
-        session = self.session
-        target = session.target.raw
-        assert target is not None
-        fairness = Fairness()
-        pipe: tuple[int, int] | None = None
-        holds_data = False
-        warned = False
+async def splice_burst(
+    source: socket.socket,
+    channel: ClientChannel,
+    fairness: Fairness,
+    sent: Callable[[int], None],
+) -> BurstEnd:
+    """Relay what ``source`` has ready to ``channel``'s client as binary frames, through a
+    pooled pipe, until ``source`` would block; raises :class:`ClientGone`.
+
+    ``sent(n)`` is called after each frame, so that byte counts stay current through a
+    burst that may last as long as the stream. ``fairness`` is ticked once per frame:
+    a source that is always ready must not keep other tasks from running (the
+    contract in :mod:`trio_bridge.netio`).
+    """
+    try:
+        pipe = PIPES.take()
+    except OSError as exc:
+        _no_pipe_log.log(exc.strerror or str(exc), "no pipe for splice (%s): relaying framed", exc)
+        return BurstEnd.IDLE
+    holds_data = False
+    try:
+        while True:
+            try:
+                n = os.splice(source.fileno(), pipe[1], CHUNK, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                return BurstEnd.IDLE
+            except PEER_GONE:
+                return BurstEnd.RESET
+            if n == 0:
+                return BurstEnd.EOF
+            holds_data = True
+            if not await _send_frame(channel, pipe, n):
+                return BurstEnd.CLOSING
+            holds_data = False
+            sent(n)
+            await fairness.tick()
+    finally:
+        if holds_data:
+            PIPES.discard(pipe)
+        else:
+            PIPES.give_back(pipe)
+
+
+async def _send_frame(channel: ClientChannel, pipe: Pipe, n: int) -> bool:
+    """Write one frame: header from Python, payload from the pipe, under the write lock.
+
+    Returns False, sending nothing, once a close frame has gone out: no data frame may
+    follow it (RFC 6455 5.5.1).
+    """
+    client = channel.transport.raw
+    assert client is not None
+    async with channel.write_turn:
+        if channel.protocol.state is not OPEN:
+            return False
+        await channel.send_raw(binary_frame_header(n), more=True)
         try:
-            while True:
-                if pipe is None:
-                    # After a wait, the first chunk goes the ordinary way: interactive
-                    # traffic (keystrokes, small screen updates) costs fewer system calls
-                    # without a pipe, and an idle session holds none (two descriptors
-                    # each). Only a full read, the sign of a bulk stream, switches to
-                    # splicing until the target has nothing more to give.
-                    n = await session.relay_framed_chunk()
-                    if n == 0:
-                        return
-                    if n < SPLICE_AFTER:
-                        continue
-                    try:
-                        pipe = PIPES.take()
-                    except OSError as exc:
-                        if not warned:
-                            warned = True
-                            log.warning("no pipe for splice (%s): relaying framed", exc)
-                        continue
-                try:
-                    n = os.splice(target.fileno(), pipe[1], CHUNK, flags=SPLICE_FLAGS)
-                except BlockingIOError:
-                    PIPES.give_back(pipe)
-                    pipe = None
-                    continue
-                except PEER_GONE:
-                    session.target_reset()
-                    return
-                if n == 0:
-                    session.target_closed()
-                    return
-                holds_data = True
-                if not await self._drain(pipe, n):
-                    return
-                holds_data = False
-                session.stats.bytes_down += n
-                await fairness.tick()
-        finally:
-            if pipe is not None:
-                if holds_data:
-                    PIPES.discard(pipe)
-                else:
-                    PIPES.give_back(pipe)
-
-    async def _drain(self, pipe: tuple[int, int], n: int) -> bool:
-        """Write one frame: header from Python, payload from the pipe, under the write lock.
-
-        Returns False, sending nothing, once a close frame has gone out: no data frame
-        may follow it (RFC 6455 5.5.1).
-        """
-        session = self.session
-        channel = session.channel
-        client = channel.transport.raw
-        assert client is not None
-        async with channel.write_turn:
-            if session.protocol.state is not OPEN:
-                return False
-            await channel.send_raw(binary_frame_header(n), more=True)
-            left = n
-            while left:
-                try:
-                    moved = os.splice(pipe[0], client.fileno(), left, flags=SPLICE_FLAGS)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(client)
-                    continue
-                except PEER_GONE as exc:
-                    raise ClientGone(str(exc)) from exc
-                left -= moved
-        return True
+            await splice_all(pipe[0], client, n)
+        except PEER_GONE as exc:
+            raise ClientGone(str(exc)) from exc
+    return True
