@@ -135,6 +135,7 @@ class Session:
         self._scope: trio.CancelScope | None = None
         self._target_failed = False
         self._close_observed = False
+        self._text_decoder: codecs.IncrementalDecoder | None = None  # inside a text message
 
     # -- public -------------------------------------------------------------------
 
@@ -175,14 +176,14 @@ class Session:
             self._requested_close = (code, reason)
             self._close_requested.set()
 
-    # -- the two directions -------------------------------------------------------
+    # -- client -> target ------------------------------------------------------------
 
     async def _client_to_target(self) -> None:
+        """Read the client, parse its frames, forward their data; the only reader of the
+        client socket. It reads again only once the last read's messages are written
+        (backpressure), and with compression parses ``INFLATE_SLICE`` bytes at a time."""
         protocol = self.protocol
         client = self.channel.transport
-        stats = self.stats
-        text_decoder: codecs.IncrementalDecoder | None = None
-        invalid_text = False
         try:
             while True:
                 try:
@@ -202,52 +203,83 @@ class Session:
                     pieces = (data,)
                 for piece in pieces:
                     protocol.receive_data(piece)
-                    # After the handshake, websockets only emits frames.
-                    for frame in cast(list[Frame], protocol.events_received()):
-                        if self.observer is not None:
-                            self._observe(Direction.UP, frame)
-                        opcode = frame.opcode
-                        if opcode in DATA_OPCODES:
-                            if opcode is Opcode.TEXT:
-                                text_decoder = codecs.getincrementaldecoder("utf-8")()
-                            if text_decoder is not None:
-                                try:
-                                    text_decoder.decode(frame.data, final=frame.fin)
-                                except UnicodeDecodeError as exc:
-                                    reason = f"invalid UTF-8 in text message: {exc.reason}"
-                                    protocol.fail(INVALID_DATA, fit_reason(reason))
-                                    invalid_text = True
-                                    break
-                                if frame.fin:
-                                    text_decoder = None
-                            payload = frame.data
-                            if payload:
-                                await self._send_to_target(payload)
-                                stats.bytes_up += len(payload)
-                        elif opcode is Opcode.PONG:
-                            self._pong.set()
-                        elif opcode is Opcode.PING and self.observer is not None:
-                            self._observe(Direction.DOWN, Frame(Opcode.PONG, frame.data))
-                        elif opcode is Opcode.CLOSE and protocol.close_rcvd is not None:
-                            rcvd = protocol.close_rcvd
-                            self._record_end(rcvd.code, rcvd.reason, "client")
-                    await self.channel.flush()
-                    self._observe_close_sent()
-                    if protocol.parser_exc is not None or invalid_text:
-                        # The client broke the protocol: websockets sent the close frame
-                        # (1002/1007/1009) and EOF; don't wait for a polite answer.
-                        sent = protocol.close_sent
-                        code, reason = (sent.code, sent.reason) if sent else (ABNORMAL, "")
-                        self._record_end(code, reason or str(protocol.parser_exc), "bridge")
-                        await self._linger_then_abort()
-                        return
-                    if protocol.close_rcvd is not None:
-                        # Closing handshake complete (ours answered, or theirs echoed).
-                        self._abort()
+                    if await self._relay_client_frames():
                         return
         except ClientGone as exc:
             self._record_end(ABNORMAL, f"client connection failed: {exc}", "client")
             self._abort()
+
+    async def _relay_client_frames(self) -> bool:
+        """Act on the frames websockets parsed, then send what it queued (pongs, a close
+        echo, a failure's close frame); True when that ends the session."""
+        protocol = self.protocol
+        stats = self.stats
+        valid = True
+        # After the handshake, websockets only emits frames.
+        for frame in cast(list[Frame], protocol.events_received()):
+            opcode = frame.opcode
+            if self.observer is not None:
+                self._observe(Direction.UP, frame)
+            if opcode not in DATA_OPCODES:
+                self._control_frame(frame)
+                continue
+            text = opcode is Opcode.TEXT or self._text_decoder is not None
+            if text and not self._valid_text(frame):
+                valid = False
+                break
+            payload = frame.data
+            if payload:
+                await self._send_to_target(payload)
+                stats.bytes_up += len(payload)
+        await self.channel.flush()
+        self._observe_close_sent()
+        if protocol.parser_exc is not None or not valid:
+            await self._end_after_client_error()
+            return True
+        if protocol.close_rcvd is not None:  # closing handshake complete, either way
+            self._abort()
+            return True
+        return False
+
+    def _valid_text(self, frame: Frame) -> bool:
+        """Whether a text message is valid UTF-8 so far (websockets leaves checking it
+        to the I/O layer); if not, fail the connection with 1007."""
+        if frame.opcode is Opcode.TEXT:
+            self._text_decoder = codecs.getincrementaldecoder("utf-8")()
+        assert self._text_decoder is not None
+        try:
+            self._text_decoder.decode(frame.data, final=frame.fin)
+        except UnicodeDecodeError as exc:
+            reason = f"invalid UTF-8 in text message: {exc.reason}"
+            self.protocol.fail(INVALID_DATA, fit_reason(reason))
+            return False
+        if frame.fin:
+            self._text_decoder = None
+        return True
+
+    def _control_frame(self, frame: Frame) -> None:
+        """websockets answers pings and close frames itself; the session hears pongs for
+        its keepalive, shows the observer the pong queued, and notes a client's close."""
+        opcode = frame.opcode
+        if opcode is Opcode.PONG:
+            self._pong.set()
+        elif opcode is Opcode.PING and self.observer is not None:
+            self._observe(Direction.DOWN, Frame(Opcode.PONG, frame.data))
+        elif opcode is Opcode.CLOSE and (rcvd := self.protocol.close_rcvd) is not None:
+            self._record_end(rcvd.code, rcvd.reason, "client")
+
+    async def _end_after_client_error(self) -> None:
+        """The client broke the protocol, and websockets sent the close frame (1002, 1007,
+        1009) and EOF: end without waiting for a polite answer, but let the client read
+        ours before the socket closes (closing with unread input sends RST, which can
+        destroy it). Only ``_client_to_target``, the client's one reader, may drain it.
+        """
+        protocol = self.protocol
+        sent = protocol.close_sent
+        code, reason = (sent.code, sent.reason) if sent else (ABNORMAL, "")
+        self._record_end(code, reason or str(protocol.parser_exc), "bridge")
+        await self.channel.linger_and_close(self.config.limits.close_timeout)
+        self._abort()
 
     async def _send_to_target(self, data: Bytes) -> None:
         """Forward client data; once the target has failed, data is dropped while the
@@ -415,16 +447,6 @@ class Session:
         self._scope.deadline = min(
             self._scope.deadline, trio.current_time() + self.config.limits.close_timeout
         )
-
-    async def _linger_then_abort(self) -> None:
-        """End after a failure: let the client read our close frame before the socket
-        closes (closing with unread input sends RST, which can destroy it).
-
-        Only ``_client_to_target`` may call this: it reads the client socket, and a
-        socket has one reader at a time.
-        """
-        await self.channel.linger_and_close(self.config.limits.close_timeout)
-        self._abort()
 
     def _abort(self) -> None:
         if self._scope is not None:
