@@ -43,11 +43,9 @@ from websockets.uri import parse_uri
 
 from trio_bridge import Bridge, Config, Limits, TcpAddress
 from trio_bridge.addons import Addons
-from trio_bridge.auth import AuthSettings
-from trio_bridge.config import UnixAddress
-from trio_bridge.recording import Recorder
-from trio_bridge.tls import TlsSettings
-from trio_bridge.tokens import TokenSettings, TokenStoreError
+from trio_bridge.config import AuthSettings, ServiceConfig, TlsSettings, TokenSettings, UnixAddress
+from trio_bridge.recording import running_recorder
+from trio_bridge.tokens import TokenStoreError
 from trio_bridge.tokens.resp import RedisConnection
 
 from .conftest import TcpTarget, echo, free_port, loopback_listener
@@ -325,7 +323,7 @@ class Door:
     """One configured front door: a bridge (with what the CLI adds) on a loopback port."""
 
     name: str
-    config: Config
+    service: ServiceConfig
     ws_path: str = "/"  # a request path the door relays to the allowed target
     ws_headers: dict[str, str] = field(default_factory=dict)
     http_port: str = "ws"  # "metrics": examples go to the metrics port
@@ -342,11 +340,11 @@ class Door:
 
     @property
     def tls(self) -> bool:
-        return self.config.tls is not None
+        return self.service.bridge.tls is not None
 
     @property
     def deflate(self) -> bool:
-        return self.config.compression
+        return self.service.bridge.compression
 
     def failure_text(self) -> str:
         assert self.failure is not None
@@ -390,7 +388,6 @@ class Harness:
         self.forbidden: TcpTarget | None = None
         self.pki: Pki | None = None
         self.jwt_secret = secrets.token_bytes(32)
-        self.recorder: Recorder | None = None
         self.redis: RedisServer | None = None
         self.failure: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -443,7 +440,6 @@ class Harness:
             self.allowed = await nursery.start(TcpTarget(echo).serve)
             self.forbidden = await nursery.start(TcpTarget(echo).serve)
             _mkdir(self.folder / "recordings")
-            self.recorder = await nursery.start(Recorder(self.folder / "recordings").run)
             redis = RedisServer(self.folder / "redis", free_port(), None)
             (self.folder / "redis").mkdir()
             await redis.start(nursery)
@@ -458,8 +454,7 @@ class Harness:
             finally:
                 with trio.CancelScope(shield=True):
                     await redis.stop()
-            self.recorder.close()
-            nursery.cancel_scope.cancel()  # the bridges, the targets, the recorder
+            nursery.cancel_scope.cancel()  # the bridges (and their recorders), the targets
 
     def token_targets(self) -> dict[str, str]:
         """Token -> target as an operator's data writes it (file, folder, Redis)."""
@@ -537,28 +532,28 @@ class Harness:
         def tokens(plugin: str, source: str, where: str = "query") -> TokenSettings:
             return TokenSettings(plugin, source, where)
 
-        def routed(name: str, settings: TokenSettings, **options: Any) -> Config:
+        def routed(name: str, settings: TokenSettings, **options: Any) -> ServiceConfig:
             options.setdefault("allow_targets", allow)
-            return Config(target=None, limits=limits, tokens=settings, **options)
+            return ServiceConfig(Config(target=None, limits=limits, tokens=settings, **options))
 
         return [
             Door(
                 "web",
-                Config(
-                    target=good,
-                    limits=limits,
+                ServiceConfig(
+                    Config(target=good, limits=limits, auth=auth, allow_origins=(GOOD_ORIGIN,)),
                     web=web,
                     web_listing=True,
                     web_auth=True,
-                    auth=auth,
-                    allow_origins=(GOOD_ORIGIN,),
                 ),
                 ws_headers={"Authorization": basic, "Origin": GOOD_ORIGIN},
             ),
-            Door("health", Config(target=good, limits=limits)),
+            Door("health", ServiceConfig(Config(target=good, limits=limits))),
             Door(
                 "metrics",
-                Config(target=good, limits=limits, metrics_listen=TcpAddress("127.0.0.1", 0)),
+                ServiceConfig(
+                    Config(target=good, limits=limits),
+                    metrics_listen=TcpAddress("127.0.0.1", 0),
+                ),
                 http_port="metrics",
             ),
             Door(
@@ -598,10 +593,12 @@ class Harness:
             ),
             Door(
                 "plugin",
-                Config(
-                    target=None,
-                    limits=limits,
-                    tokens=tokens(f"{support}.MisbehavingTokens", str(good)),
+                ServiceConfig(
+                    Config(
+                        target=None,
+                        limits=limits,
+                        tokens=tokens(f"{support}.MisbehavingTokens", str(good)),
+                    )
                 ),
                 ws_path="/?token=good",
                 plugin_errors=True,
@@ -619,16 +616,23 @@ class Harness:
             ),
             Door(
                 "tls",
-                Config(
-                    target=good,
-                    # TLS cannot half-close: the bridge's wait for the client's EOF after
-                    # its answer or close frame always runs to the end.
-                    limits=dataclasses.replace(limits, close_timeout=0.25),
-                    tls=TlsSettings(str(self.pki.server_file)),
+                ServiceConfig(
+                    Config(
+                        target=good,
+                        # TLS cannot half-close: the bridge's wait for the client's EOF
+                        # after its answer or close frame always runs to the end.
+                        limits=dataclasses.replace(limits, close_timeout=0.25),
+                        tls=TlsSettings(str(self.pki.server_file)),
+                    )
                 ),
             ),
-            Door("compression", Config(target=good, limits=limits, compression=True)),
-            Door("recording", Config(target=good, limits=limits, record=folder / "recordings")),
+            Door(
+                "compression", ServiceConfig(Config(target=good, limits=limits, compression=True))
+            ),
+            Door(
+                "recording",
+                ServiceConfig(Config(target=good, limits=limits), record=folder / "recordings"),
+            ),
         ]
 
     def sign(self, claims: dict[str, Any]) -> str:
@@ -644,20 +648,19 @@ class Harness:
         listener = loopback_listener()
         door.port = listener.getsockname()[1]
         metrics: list[socket.socket] = []
-        if door.config.metrics_listen is not None:
+        if door.service.metrics_listen is not None:
             metrics = [loopback_listener()]
             door.metrics_port = metrics[0].getsockname()[1]
-        addons = Addons(door.config, metrics_listeners=metrics)
-        bridge = addons.bridge()
-        if door.config.record is not None:
-            bridge.observers = self.recorder  # as trio_bridge.service does
+        addons = Addons(door.service, metrics_listeners=metrics)
+        bridge = addons.bridge
         scope = trio.CancelScope()
         door.scope = scope
 
         async def run(*, task_status: trio.TaskStatus[Bridge] = trio.TASK_STATUS_IGNORED) -> None:
             try:
                 with scope:
-                    await addons.serve(bridge, [listener], task_status=task_status)
+                    async with running_recorder(addons.recorder):  # as trio_bridge.service
+                        await addons.serve([listener], task_status=task_status)
             except Exception as exc:  # the door crashed: the example that did it reports it
                 door.failure = exc
             finally:

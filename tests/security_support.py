@@ -21,8 +21,7 @@ from websockets.client import ClientProtocol
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from trio_bridge.config import TcpAddress
-from trio_bridge.tls import TlsSettings
+from trio_bridge.config import TcpAddress, TlsSettings
 
 from .conftest import TcpTarget, echo
 

@@ -9,9 +9,8 @@ import pytest
 import trio
 from websockets.trio.client import connect
 
-from trio_bridge.auth import AuthSettings, BasicAuth, OriginAllowlist
-from trio_bridge.config import Address, ConfigError
-from trio_bridge.tokens import TokenSettings
+from trio_bridge.auth import BasicAuth, OriginAllowlist
+from trio_bridge.config import Address, AuthSettings, ConfigError, TokenSettings
 
 from .conftest import BridgeStarter, LogWaiter, RunningBridge, TcpTarget, check_echo, ws_request
 from .security_support import Pki, chmod_private, exchange, pki
@@ -88,7 +87,11 @@ async def test_origin_allowlist(
         echo_target.address, allow_origins=("https://vnc.example.com", "https://*.lab.example")
     )
     with trio.fail_after(10):
-        for origin in ("https://vnc.example.com", "https://desk1.lab.example", "HTTPS://VNC.example.com:443"):
+        for origin in (
+            "https://vnc.example.com",
+            "https://desk1.lab.example",
+            "HTTPS://VNC.example.com:443",
+        ):
             async with connect(running.url, origin=origin) as ws:  # type: ignore[arg-type]
                 await check_echo(ws, origin.encode())
         for refused in (
@@ -140,14 +143,16 @@ async def test_client_certificate_names(
 
 
 def test_client_certificate_names_need_a_ca(pki: Pki) -> None:
-    from trio_bridge import Config, TcpAddress
+    """Found when the gates are built: only loading the plugin tells it is the
+    certificate-names one, whichever of its names (websockify's, ours) was given."""
+    from trio_bridge import Bridge, Config, TcpAddress
 
-    with pytest.raises(ConfigError, match="ClientCertCNAuth needs --cert and --cafile"):
-        Config(
-            target=TcpAddress("h", 1),
-            tls=pki.settings(),
-            auth=(AuthSettings("ClientCertCNAuth", "alice"),),
+    for name in ("ClientCertCNAuth", "websockify.auth_plugins.ClientCertCNAuth"):
+        config = Config(
+            target=TcpAddress("h", 1), tls=pki.settings(), auth=(AuthSettings(name, "alice"),)
         )
+        with pytest.raises(ConfigError, match="ClientCertCNAuth needs --cert and --cafile"):
+            Bridge(config)
 
 
 class CountingPlugin:

@@ -414,6 +414,6 @@ def test_heartbeat_is_on_by_default_and_0_turns_a_timer_off(
     args: list[str], heartbeat: float | None, idle: float | None
 ) -> None:
     parsed = build_parser().parse_args([*args, "6080", "127.0.0.1:5900"])
-    limits = config_from_args(parsed).limits
+    limits = config_from_args(parsed).bridge.limits
     assert (limits.heartbeat, limits.idle_timeout) == (heartbeat, idle)
     assert limits.max_handshakes == 256

@@ -23,13 +23,12 @@ from websockets.typing import Subprotocol
 from trio_bridge import __version__
 from trio_bridge.addons import Addons
 from trio_bridge.cli import build_parser, config_from_args
-from trio_bridge.config import Config, Limits, TcpAddress
+from trio_bridge.config import Config, Limits, ServiceConfig, TcpAddress, WrapConfig
 from trio_bridge.handshake import HandshakeFailure
 from trio_bridge.metrics import BridgeMetrics, close_code_label
 from trio_bridge.recording import load_recording
 from trio_bridge.server import Bridge
 from trio_bridge.session import SessionStats
-from trio_bridge.wrap import WrapConfig
 
 from .conftest import TcpTarget, free_port, loopback_listener
 from .recording_support import ProcessLog, scripted_target, start_tcp_target, subprocess_env
@@ -107,14 +106,12 @@ async def start_scraped(nursery: trio.Nursery, echo_target: TcpTarget) -> Start:
     async def start(target: Any = None, **limits: Any) -> Scraped:
         metrics_port = free_port()
         config = Config(
-            target=target or echo_target.address,
-            limits=Limits(close_timeout=0.5, **limits),
-            metrics_listen=TcpAddress("127.0.0.1", metrics_port),
+            target=target or echo_target.address, limits=Limits(close_timeout=0.5, **limits)
         )
-        addons = Addons(config)
+        addons = Addons(ServiceConfig(config, metrics_listen=TcpAddress("127.0.0.1", metrics_port)))
         listener = loopback_listener()
-        bridge = addons.bridge()
-        await nursery.start(addons.serve, bridge, [listener])
+        bridge = addons.bridge
+        await nursery.start(addons.serve, [listener])
         return Scraped(bridge, listener.getsockname()[1], metrics_port)
 
     return start
@@ -292,7 +289,7 @@ async def test_a_failing_collector_ends_only_its_scrape(
 def test_the_exposition_is_the_documented_interface() -> None:
     """Every family a bridge exposes (wrap mode and process ones included) has the name,
     type and label names docs/metrics.md gives it, and none is undocumented."""
-    addons = Addons(Config(target=None, wrap=WrapConfig(("true",))))
+    addons = Addons(ServiceConfig(Config(target=None), wrap=WrapConfig(("true",))))
     stats = SessionStats("s1", "client", "target", close_code=1000, closed_by="client")
     addons.metrics.session_opened(stats)
     addons.metrics.session_closed(stats)

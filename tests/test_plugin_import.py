@@ -18,12 +18,12 @@ print(" ".join(sorted(set(sys.modules) - before)))
 """
 
 
-def test_loading_the_plugin_imports_nothing_but_itself() -> None:
+def test_loading_the_plugin_imports_nothing_but_itself_and_the_version() -> None:
     probe = subprocess.run(
         [sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=60
     )
     added = probe.stdout.split()
-    assert added == ["trio_bridge", "trio_bridge.pytest_plugin"], added
+    assert added == ["trio_bridge", "trio_bridge.pytest_plugin", "trio_bridge.version"], added
     for heavy in ("trio_bridge.server", "trio_bridge.session", "trio_bridge.recording", "trio"):
         assert heavy not in added
 

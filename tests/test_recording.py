@@ -448,7 +448,7 @@ def test_record_option_takes_a_folder(tmp_path: Path) -> None:
         ["6080", "localhost:5900", "--record", str(tmp_path)],
     ):
         config = config_from_args(build_parser().parse_args(argv))
-        assert config.record == tmp_path and config.listen == TcpAddress("127.0.0.1", 6080)
+        assert config.record == tmp_path and config.bridge.listen == TcpAddress("127.0.0.1", 6080)
     config = config_from_args(build_parser().parse_args(["--record", "6080", "6081", "h:1"]))
     assert config.record == Path("6080")  # a folder named 6080
     recorder = recorder_for(config)

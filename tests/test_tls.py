@@ -16,8 +16,8 @@ import trustme
 from websockets.trio.client import connect
 from websockets.typing import Subprotocol
 
-from trio_bridge.config import ConfigError
-from trio_bridge.tls import TargetTlsSettings, TlsSettings, server_context
+from trio_bridge.config import ConfigError, TargetTlsSettings, TlsSettings
+from trio_bridge.tls import server_context
 
 from .conftest import (
     BridgeStarter,
@@ -33,6 +33,7 @@ from .conftest import (
 from .security_support import Pki, exchange, open_from, pki, read_all, tls_echo_target
 
 __all__ = ["pki"]
+
 
 def wss(port: int, path: str = "/") -> str:
     return f"wss://127.0.0.1:{port}{path}"
@@ -234,7 +235,7 @@ def test_configuration_errors_name_the_file(pki: Pki, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"1\.0 and 1\.1"):
         pki.settings(minimum_version="1.0")
     with pytest.raises(ConfigError, match="--ssl-ciphers"):
-        pki.settings(ciphers="NO-SUCH-CIPHER")
+        server_context(pki.settings(ciphers="NO-SUCH-CIPHER"))
 
 
 def test_cli_builds_tls_settings(pki: Pki) -> None:
@@ -244,7 +245,7 @@ def test_cli_builds_tls_settings(pki: Pki) -> None:
     args = parser.parse_args(
         ["--cert", str(pki.server_file), "--ssl-only", "--ssl-version", "tlsv1_3", "6080", "h:1"]
     )
-    config = config_from_args(args)
+    config = config_from_args(args).bridge
     assert config.tls is not None
     assert config.tls.ssl_only and config.tls.minimum_version == "tlsv1_3"
     with pytest.raises(ConfigError, match="only with --cert"):

@@ -31,11 +31,17 @@ from websockets.http11 import Request
 from websockets.trio.client import connect
 from websockets.typing import Subprotocol
 
-from trio_bridge.auth import AuthSettings
-from trio_bridge.config import Address, ConfigError, TcpAddress, UnixAddress
+from trio_bridge.config import (
+    Address,
+    AuthSettings,
+    ConfigError,
+    TcpAddress,
+    TokenSettings,
+    UnixAddress,
+)
 from trio_bridge.recording import Recorder, load_recording
 from trio_bridge.routing import ClientInfo
-from trio_bridge.tokens import TargetAllowlist, TokenRouter, TokenSettings
+from trio_bridge.tokens import TargetAllowlist, TokenRouter, load_token_plugin
 from trio_bridge.tokens.base import describe_token
 
 from .conftest import (
@@ -111,19 +117,19 @@ def test_an_openssh_public_key_is_a_start_up_error(tmp_path: Path) -> None:
         + b" operator@example\n"
     )
     with pytest.raises(ConfigError, match="expected a PEM key, a JWK") as error:
-        tokens("JWTTokenApi", key_file)
+        load_token_plugin("JWTTokenApi", str(key_file))
     message = str(error.value)
     assert str(key_file) in message and "ssh-keygen" in message and "\n" not in message
     # Declared as a secret, it still is not one: it is not base64url.
     with pytest.raises(ConfigError, match="HMAC secret in base64url"):
-        tokens("JWTTokenApi", f"hmac:{key_file}")
+        load_token_plugin("JWTTokenApi", f"hmac:{key_file}")
     # Neither is a random file, nor a short oct JWK.
     (tmp_path / "garbage").write_text("a" * 100)
     with pytest.raises(ConfigError, match="expected a PEM key"):
-        tokens("jwt", tmp_path / "garbage")
+        load_token_plugin("jwt", str(tmp_path / "garbage"))
     (tmp_path / "short.jwk").write_text(json.dumps({"kty": "oct", "k": b64url(b"x" * 16)}))
     with pytest.raises(ConfigError, match="at least 32"):
-        tokens("jwt", tmp_path / "short.jwk")
+        load_token_plugin("jwt", str(tmp_path / "short.jwk"))
 
 
 async def test_a_public_jwk_verifies_rs256_and_is_no_hmac_secret(

@@ -18,8 +18,8 @@ from websockets.frames import Opcode
 from websockets.trio.client import connect
 from websockets.typing import Subprotocol
 
-from trio_bridge.config import Address, ConfigError, TcpAddress, UnixAddress
-from trio_bridge.tokens import TargetAllowlist, TokenSettings
+from trio_bridge.config import Address, ConfigError, TcpAddress, TokenSettings, UnixAddress
+from trio_bridge.tokens import TargetAllowlist, load_token_plugin
 from trio_bridge.tokens.resp import RedisConnection
 
 from .conftest import (
@@ -268,7 +268,7 @@ def test_jwt_refuses_weak_secrets(tmp_path: Path) -> None:
     key_file = tmp_path / "short.key"
     key_file.write_text(base64.urlsafe_b64encode(b"too short").decode())
     with pytest.raises(ConfigError, match="at least 32"):
-        tokens("JWTTokenApi", f"hmac:{key_file}")
+        load_token_plugin("JWTTokenApi", f"hmac:{key_file}")
 
 
 # -- Unix sockets named by token ---------------------------------------------------------
@@ -420,12 +420,14 @@ async def test_operator_plugins(start_bridge: BridgeStarter, echo_target: TcpTar
 
 
 def test_command_lines_websockify_users_have() -> None:
+    from trio_bridge.addons import Addons
     from trio_bridge.cli import build_parser, config_from_args
 
     parser = build_parser()
 
     def config(*argv: str) -> object:
-        return config_from_args(parser.parse_args(list(argv)))
+        """What the CLI does before serving: the config, then its parts, built once."""
+        return Addons(config_from_args(parser.parse_args(list(argv))))
 
     with pytest.raises(ConfigError, match="no such file"):
         config("--token-plugin", "TokenFile", "--token-source", "/nonexistent/tokens", "6080")
@@ -451,6 +453,6 @@ def test_websockify_token_command_line(tmp_path: Path) -> None:
          "--host-token", "6080"],
         ["--target-config", str(path), "--token-from", "host", "6080"],
     ):  # fmt: skip
-        config = config_from_args(parser.parse_args(argv))
+        config = config_from_args(parser.parse_args(argv)).bridge
         assert config.target is None
         assert config.tokens is not None and config.tokens.token_from == "host"

@@ -7,6 +7,7 @@ typed) and answers are read to EOF: every answer closes the connection.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import email.utils
 import os
 import shutil
@@ -25,8 +26,7 @@ from websockets.trio.client import connect
 from websockets.typing import Subprotocol
 
 from trio_bridge.addons import Addons
-from trio_bridge.auth import AuthSettings
-from trio_bridge.config import Config, ConfigError, Limits, TcpAddress
+from trio_bridge.config import AuthSettings, Config, ConfigError, Limits, ServiceConfig, TcpAddress
 from trio_bridge.server import Bridge
 from trio_bridge.web import FileResponse, FileServer, FirstAnswer, HealthEndpoint, Lookup
 
@@ -107,6 +107,15 @@ def web_root(tmp_path: Path) -> Path:
     return root
 
 
+SERVICE_FIELDS = {field.name for field in dataclasses.fields(ServiceConfig)} - {"bridge"}
+
+
+def service_config(**fields: Any) -> ServiceConfig:
+    """Bridge and service fields in one set of keywords, as a command line mixes them."""
+    own = {name: fields.pop(name) for name in list(fields) if name in SERVICE_FIELDS}
+    return ServiceConfig(Config(**fields), **own)
+
+
 @dataclass
 class WebBridge:
     port: int
@@ -120,12 +129,11 @@ async def start_web(nursery: trio.Nursery, echo_target: TcpTarget) -> Any:
 
     async def start(root: Path | None, **fields: Any) -> WebBridge:
         fields.setdefault("target", None if fields.get("file_only") else echo_target.address)
-        config = Config(web=root, limits=Limits(close_timeout=0.5), **fields)
-        addons = Addons(config)
+        addons = Addons(service_config(web=root, limits=Limits(close_timeout=0.5), **fields))
         listener = loopback_listener()
         port = listener.getsockname()[1]
-        bridge = addons.bridge()
-        await nursery.start(addons.serve, bridge, [listener])
+        bridge = addons.bridge
+        await nursery.start(addons.serve, [listener])
         return WebBridge(port, bridge, f"ws://127.0.0.1:{port}/websockify")
 
     return start
@@ -327,7 +335,7 @@ async def test_files_over_the_size_limit_are_refused(
 
 def test_web_root_must_be_a_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--web"):
-        Config(target=None, web=tmp_path / "missing")
+        Addons(ServiceConfig(Config(target=None), web=tmp_path / "missing"))
     with pytest.raises(ConfigError, match="--web"):
         FileServer(tmp_path / "missing")
 
@@ -358,9 +366,9 @@ async def test_file_only_serves_files_and_refuses_every_upgrade(
 
 def test_file_only_takes_no_target(web_root: Path) -> None:
     with pytest.raises(ConfigError, match="--file-only"):
-        Config(target=TcpAddress("127.0.0.1", 5900), web=web_root, file_only=True)
+        service_config(target=TcpAddress("127.0.0.1", 5900), web=web_root, file_only=True)
     with pytest.raises(ConfigError, match="need --web"):
-        Config(target=None, file_only=True)
+        service_config(target=None, file_only=True)
 
 
 # -- health ------------------------------------------------------------------------------

@@ -20,12 +20,12 @@ import pytest
 import trio
 
 from trio_bridge.addons import Addons
-from trio_bridge.config import Config, Limits
+from trio_bridge.config import Limits
 from trio_bridge.server import Bridge
 
 from .conftest import LogWaiter, loopback_listener
 from .security_support import Pki, pki
-from .test_web import StartCli, fetch, start_cli
+from .test_web import StartCli, fetch, service_config, start_cli
 
 __all__ = ["pki", "start_cli"]
 
@@ -61,9 +61,9 @@ async def start_files(nursery: trio.Nursery, root: Path) -> StartFiles:
 
     async def start(**fields: Any) -> int:
         fields.setdefault("limits", Limits(handshake_timeout=STALL, close_timeout=0.5))
-        addons = Addons(Config(target=None, web=root, file_only=True, **fields))
+        addons = Addons(service_config(target=None, web=root, file_only=True, **fields))
         listener = loopback_listener()
-        await nursery.start(addons.serve, addons.bridge(), [listener])
+        await nursery.start(addons.serve, [listener])
         return int(listener.getsockname()[1])
 
     return start
@@ -170,13 +170,13 @@ async def test_shutdown_closes_the_file_of_a_transfer_in_progress(
     nursery: trio.Nursery, root: Path
 ) -> None:
     limits = Limits(handshake_timeout=60, close_timeout=0.5, shutdown_grace=0.2)
-    addons = Addons(Config(target=None, web=root, file_only=True, limits=limits))
+    addons = Addons(service_config(target=None, web=root, file_only=True, limits=limits))
     listener = loopback_listener()
     port = listener.getsockname()[1]
-    bridge: Bridge = addons.bridge()
+    bridge: Bridge = addons.bridge
     with trio.fail_after(30):
         async with trio.open_nursery() as serving:
-            await serving.start(addons.serve, bridge, [listener])
+            await serving.start(addons.serve, [listener])
             stream = await open_client(port, None)
             await stream.send_all(get("/big.bin"))
             await read_head(stream)

@@ -23,12 +23,19 @@ from websockets.typing import Subprotocol
 
 from trio_bridge.addons import Addons, WrappedProgramExited
 from trio_bridge.cli import build_parser, config_from_args
-from trio_bridge.config import Config, ConfigError, Limits, StartupError, TcpAddress
+from trio_bridge.config import (
+    Config,
+    ConfigError,
+    Limits,
+    ServiceConfig,
+    StartupError,
+    TcpAddress,
+    WrapConfig,
+    WrapMode,
+)
 from trio_bridge.server import Bridge
 from trio_bridge.wrap import (
     Supervisor,
-    WrapConfig,
-    WrapMode,
     first_leaf,
     signal_group,
     split_command,
@@ -139,14 +146,14 @@ async def start_wrapped(nursery: trio.Nursery) -> AsyncIterator[Start]:
 
     async def start(command: list[str], **fields: Any) -> Wrapped:
         wrap = WrapConfig(tuple(command), **fields)
-        config = Config(target=None, wrap=wrap, limits=Limits(close_timeout=0.5, shutdown_grace=1))
-        addons = Addons(config)
+        config = Config(target=None, limits=Limits(close_timeout=0.5, shutdown_grace=1))
+        addons = Addons(ServiceConfig(config, wrap=wrap))
         listener = loopback_listener()
-        wrapped = Wrapped(addons, addons.bridge(), listener.getsockname()[1])
+        wrapped = Wrapped(addons, addons.bridge, listener.getsockname()[1])
 
         async def serve(task_status: trio.TaskStatus[Bridge]) -> None:
             try:
-                await addons.serve(wrapped.bridge, [listener], task_status=task_status)
+                await addons.serve([listener], task_status=task_status)
             except WrappedProgramExited as exc:
                 wrapped.exited = exc
             finally:
@@ -432,7 +439,7 @@ async def test_stop_process_returns_once_nothing_of_the_group_runs() -> None:
 # -- the command line ----------------------------------------------------------------------
 
 
-def cli_config(*argv: str) -> Config:
+def cli_config(*argv: str) -> ServiceConfig:
     args_list, command = split_command(argv)
     args = build_parser().parse_args(args_list)
     args.wrap_command = command
@@ -441,7 +448,7 @@ def cli_config(*argv: str) -> Config:
 
 def test_command_line_forms() -> None:
     config = cli_config("6080", "--", "prog", "--verbose", "{port}")
-    assert config.target is None
+    assert config.bridge.target is None
     assert config.wrap == WrapConfig(("prog", "--verbose", "{port}"), WrapMode.EXIT)
     config = cli_config("6080", "localhost:5901", "--wrap-mode=respawn", "--", "x11vnc")
     assert config.wrap is not None

@@ -15,10 +15,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 if TYPE_CHECKING:
-    from .config import Config, ConfigError, Limits, TcpAddress, UnixAddress
+    from .addresses import TcpAddress, UnixAddress
+    from .config import Config, Limits
+    from .errors import ConfigError
     from .server import Bridge, serve
 
 # Imported on first use: pytest imports trio_bridge.pytest_plugin (and so this package)

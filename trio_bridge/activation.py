@@ -32,7 +32,7 @@ import stat
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from .config import StartupError
+from .errors import StartupError
 from .listeners import describe
 
 

@@ -1,4 +1,4 @@
-"""What a command line adds around a :class:`~trio_bridge.server.Bridge`, built from its Config.
+"""The parts a command line runs around a :class:`~trio_bridge.server.Bridge`, built once.
 
 - plain HTTP on the WebSocket port: the health endpoint and, with ``--web``, files;
 - who answers WebSocket requests instead of ``config.target``: nobody with
@@ -9,9 +9,9 @@
   has drained; in ``exit`` mode the program's end stops the bridge, and the process
   exits with the program's status (:class:`WrappedProgramExited`).
 
-The CLI does ``addons = Addons(config)``, ``bridge = addons.bridge()`` and
-``await nursery.start(addons.serve, bridge, listeners)`` where it would call
-``bridge.serve``. Embedding programs can do the same, or use the parts directly.
+The CLI does ``addons = Addons(service)`` and ``await nursery.start(addons.serve,
+listeners)`` where it would call ``bridge.serve``; ``addons.bridge`` is the bridge.
+Embedding programs can do the same, or use the parts directly.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .auth import OriginAllowlist
-from .config import Config, StartupError
+from .auth import OriginAllowlist, gates_for
+from .config import ServiceConfig
 from .listeners import bind
 from .metrics import BridgeMetrics, MetricsServer
+from .recording import recorder_for
 from .routing import HttpResponder, RequestGate, TargetResolver
 from .server import Bridge
 from .web import FileServer, FirstAnswer, HealthEndpoint, NoRelay
@@ -72,82 +73,93 @@ class WrappedProgramMetrics:
         )
 
 
-def web_gates(gates: Sequence[RequestGate]) -> list[RequestGate]:
-    """The bridge's own gate objects (so SIGHUP reloads reach them) minus Origin checks:
-    a browser sends no Origin header when it loads a page, so they would refuse vnc.html.
-    """
-    chosen = [gate for gate in gates if not isinstance(gate, OriginAllowlist)]
-    if not chosen:
-        raise StartupError(
-            "--web-auth: no --auth-plugin to apply to files (Origin checks do not apply: "
-            "browsers send no Origin header when they load a page)"
-        )
-    return chosen
-
-
 class Addons:
-    """The parts ``config`` asks for, built once, handed to one :class:`Bridge`."""
+    """The one composition step: every part ``service`` asks for, built once.
+
+    Files are read and plugins made here, each once (a bad certificate or an unknown
+    plugin fails before anything serves), and each part gets what it uses when it is
+    made: the :class:`Bridge` its resolver, gates, HTTP responders and recorder; the
+    file server the bridge's own gate objects (so SIGHUP reloads reach both).
+    """
 
     def __init__(
         self,
-        config: Config,
+        service: ServiceConfig,
         *,
         metrics: BridgeMetrics | None = None,
         metrics_listeners: Sequence[socket.socket] = (),
     ) -> None:
-        """``metrics_listeners`` replace binding ``config.metrics_listen`` (systemd's
+        """``metrics_listeners`` replace binding ``service.metrics_listen`` (systemd's
         ``metrics`` sockets)."""
-        self.config = config
+        config = service.bridge
+        self.service = service
         self.metrics = metrics or BridgeMetrics()
         self.metrics_listeners = list(metrics_listeners)
         self.supervisor: Supervisor | None = None
-        self.resolver: TargetResolver | None = None
-        if config.wrap is not None:
-            supervisor = Supervisor(config.wrap, connect_timeout=config.limits.connect_timeout)
-            self.supervisor = self.resolver = supervisor
+        resolver: TargetResolver | None = None
+        if service.wrap is not None:
+            supervisor = Supervisor(
+                service.wrap,
+                on_exit=self._program_ended,
+                connect_timeout=config.limits.connect_timeout,
+            )
+            self.supervisor = resolver = supervisor
             self.metrics.registry.register(WrappedProgramMetrics(supervisor))
-        elif config.file_only:
-            self.resolver = NoRelay()
+        elif service.file_only:
+            resolver = NoRelay()
+        gates = gates_for(config)
+        self.recorder = recorder_for(service, on_gap=self.metrics.recording_gap)
+        self.bridge = Bridge(
+            config,
+            resolver=resolver,
+            gates=gates,
+            http=self._http(gates),
+            observers=self.recorder,
+            metrics=self.metrics,
+        )
+        self._exit_status: int | None = None
+
+    def _http(self, gates: Sequence[RequestGate]) -> HttpResponder | None:
+        """The health endpoint and files, on the WebSocket port."""
+        service = self.service
         responders: list[HttpResponder] = []
-        if config.health_path is not None:
-            health = HealthEndpoint(config.health_path)
+        if service.health_path is not None:
+            health = HealthEndpoint(service.health_path)
             if self.supervisor is not None:
                 health.add_check(self.supervisor.health)
             responders.append(health)
-        self.files: FileServer | None = None
-        if config.web is not None:
-            self.files = FileServer(config.web, listing=config.web_listing)
-            responders.append(self.files)
-        self.http: HttpResponder | None = FirstAnswer(*responders) if responders else None
-        self._exit_status: int | None = None
+        if service.web is not None:
+            # Not the Origin checks: a browser sends no Origin header when it loads a page.
+            file_gates = [g for g in gates if not isinstance(g, OriginAllowlist)]
+            files = FileServer(
+                service.web,
+                listing=service.web_listing,
+                gates=file_gates if service.web_auth else (),
+            )
+            responders.append(files)
+        return FirstAnswer(*responders) if responders else None
 
-    def bridge(self) -> Bridge:
-        bridge = Bridge(self.config, http=self.http, resolver=self.resolver, metrics=self.metrics)
-        if self.files is not None and self.config.web_auth:
-            self.files.gates = web_gates(bridge.gates)
-        return bridge
+    def _program_ended(self, status: int) -> None:
+        """In ``exit`` mode: the bridge drains and stops, and the process exits with
+        the program's status."""
+        self._exit_status = status
+        self.bridge.request_shutdown()
 
     async def serve(
         self,
-        bridge: Bridge,
         listeners: Sequence[socket.socket] | None = None,
         *,
         task_status: trio.TaskStatus[Bridge] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """``bridge.serve`` with the wrapped program and the metrics endpoint around it."""
+        bridge = self.bridge
         metrics_listeners = self.metrics_listeners
-        if not metrics_listeners and self.config.metrics_listen is not None:
-            metrics_listeners = [bind(self.config.metrics_listen)]
+        if not metrics_listeners and self.service.metrics_listen is not None:
+            metrics_listeners = [bind(self.service.metrics_listen)]
         async with trio.open_nursery() as nursery:
             for listener in metrics_listeners:
                 await nursery.start(MetricsServer(self.metrics.registry).serve, listener)
             if self.supervisor is not None:
-
-                def program_ended(status: int) -> None:
-                    self._exit_status = status
-                    bridge.request_shutdown()
-
-                self.supervisor.on_exit = program_ended
                 await nursery.start(self.supervisor.run)
             await bridge.serve(listeners, task_status=task_status)
             nursery.cancel_scope.cancel()  # stops the program (shielded) and the metrics

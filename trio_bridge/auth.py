@@ -22,20 +22,17 @@ import inspect
 import logging
 import stat
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from websockets.http11 import Request
 
-from .config import ConfigError
+from .config import Config
+from .errors import ConfigError
 from .routing import ClientInfo, HttpRefusal, RequestGate
 from .tokens.base import describe_failure
 from .tokens.registry import load_plugin
-
-if TYPE_CHECKING:
-    from .config import Config
 
 log = logging.getLogger("trio_bridge.auth")
 
@@ -311,17 +308,6 @@ class CheckedGate:
             raise HttpRefusal(INTERNAL_ERROR, "Internal error while checking the request")
 
 
-@dataclass(frozen=True)
-class AuthSettings:
-    """One ``--auth-plugin`` with its ``--auth-source``."""
-
-    plugin: str
-    source: str | None = None
-
-    def __post_init__(self) -> None:
-        load_auth_plugin(self.plugin, self.source)  # fail at start-up, not at the first client
-
-
 def load_auth_plugin(name: str, source: str | None) -> RequestGate:
     plugin = load_plugin(
         name, source, AUTH_PLUGINS, AUTH_SHORT_NAMES, "websockify.auth_plugins", "--auth-plugin"
@@ -337,23 +323,16 @@ def load_auth_plugin(name: str, source: str | None) -> RequestGate:
 
 
 def gates_for(config: Config) -> list[RequestGate]:
-    """The gates ``config`` asks for: --allow-origin first (cheapest), then --auth-plugin."""
+    """The gates ``config`` asks for, each plugin made once: --allow-origin first
+    (cheapest), then each --auth-plugin."""
     gates: list[RequestGate] = []
     if config.allow_origins:
         gates.append(OriginAllowlist(" ".join(config.allow_origins)))
-    gates.extend(load_auth_plugin(spec.plugin, spec.source) for spec in config.auth)
+    for spec in config.auth:
+        gate = load_auth_plugin(spec.plugin, spec.source)
+        if isinstance(gate, ClientCertNames) and (config.tls is None or not config.tls.cafile):
+            raise ConfigError(
+                "ClientCertCNAuth needs --cert and --cafile (to verify client certificates)"
+            )
+        gates.append(gate)
     return gates
-
-
-def check_auth(config: Config) -> None:
-    """Cross-field checks: certificate names need TLS with a CA to verify against."""
-    uses_certs = any(
-        AUTH_SHORT_NAMES.get(spec.plugin, spec.plugin).rpartition(".")[2] == "ClientCertCNAuth"
-        for spec in config.auth
-    )
-    if uses_certs and (config.tls is None or not config.tls.cafile):
-        raise ConfigError(
-            "ClientCertCNAuth needs --cert and --cafile (to verify client certificates)"
-        )
-    if config.allow_origins:
-        OriginAllowlist(" ".join(config.allow_origins))

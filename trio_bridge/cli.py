@@ -18,24 +18,29 @@ from typing import Any
 
 import trio
 
-from . import __version__
-from .activation import Role, inherited_sockets
-from .addons import WrappedProgramExited
+from .activation import InheritedSockets, Role, inherited_sockets
+from .addons import Addons, WrappedProgramExited
+from .addresses import DEFAULT_LISTEN_HOST, Address, UnixAddress, parse_host_port
 from .arguments import OneLineParser, positive_number
 from .config import (
-    DEFAULT_LISTEN_HOST,
-    Address,
+    TLS_VERSIONS,
+    TOKEN_FROM,
+    AuthSettings,
     Config,
-    ConfigError,
     Limits,
-    StartupError,
-    UnixAddress,
-    parse_host_port,
+    ServiceConfig,
+    TargetTlsSettings,
+    TlsSettings,
+    TokenSettings,
+    WrapConfig,
+    WrapMode,
 )
+from .errors import ConfigError, StartupError
 from .logs import EscapeControlCharacters
 from .service import run
 from .systemd import LOG_DESTINATIONS, log_handler
-from .wrap import WrapMode, split_command, wrap_config
+from .version import __version__
+from .wrap import split_command
 
 log = logging.getLogger("trio_bridge")
 
@@ -240,7 +245,7 @@ def _add_security_arguments(parser: argparse.ArgumentParser, defaults: Limits) -
     tls.add_argument(
         "--ssl-minimum-version",
         "--ssl-version",
-        choices=["1.2", "1.3", "tlsv1_2", "tlsv1_3", "default"],
+        choices=list(TLS_VERSIONS),
         default="1.2",
         help="lowest TLS version accepted (default: 1.2)",
     )
@@ -269,7 +274,7 @@ def _add_security_arguments(parser: argparse.ArgumentParser, defaults: Limits) -
     tokens.add_argument("--token-source", metavar="ARG", help="the plugin's file, directory, ...")
     tokens.add_argument(
         "--token-from",
-        choices=["query", "path", "host"],
+        choices=TOKEN_FROM,
         help="read the token from ?token= (default), the last path segment, or Host",
     )
     tokens.add_argument("--host-token", action="store_true", help="same as --token-from host")
@@ -329,10 +334,6 @@ def _add_security_arguments(parser: argparse.ArgumentParser, defaults: Limits) -
 
 def _security_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The Config fields of :func:`_add_security_arguments`' options."""
-    from .auth import AuthSettings
-    from .tls import TargetTlsSettings, TlsSettings
-    from .tokens import TokenSettings
-
     needs_cert = [
         flag
         for flag, value in (
@@ -357,9 +358,8 @@ def _security_fields(args: argparse.Namespace) -> dict[str, Any]:
     ):
         if value and not plugin:
             raise ConfigError(f"{flag} needs {needed}")
-    tls = None
-    if args.cert:
-        tls = TlsSettings(
+    fields: dict[str, Any] = {
+        "tls": TlsSettings(
             cert=args.cert,
             key=args.key,
             ssl_only=args.ssl_only,
@@ -368,21 +368,22 @@ def _security_fields(args: argparse.Namespace) -> dict[str, Any]:
             verify_client=args.verify_client,
             cafile=args.cafile,
         )
-    target_tls = None
-    if args.ssl_target:
-        target_tls = TargetTlsSettings(
+        if args.cert
+        else None,
+        "target_tls": TargetTlsSettings(
             cafile=args.ssl_target_cafile,
             server_name=args.ssl_target_server_name,
             verify=not args.ssl_target_no_verify,
         )
-    tokens = None
-    if args.token_plugin:
-        token_from = "host" if args.host_token else args.token_from or "query"
-        tokens = TokenSettings(args.token_plugin, args.token_source, token_from)
-    fields: dict[str, Any] = {
-        "tls": tls,
-        "target_tls": target_tls,
-        "tokens": tokens,
+        if args.ssl_target
+        else None,
+        "tokens": TokenSettings(
+            args.token_plugin,
+            args.token_source,
+            "host" if args.host_token else args.token_from or "query",
+        )
+        if args.token_plugin
+        else None,
         "allow_targets": tuple(args.allow_target),
         "auth": (AuthSettings(args.auth_plugin, args.auth_source),) if args.auth_plugin else (),
         "allow_origins": tuple(args.allow_origin),
@@ -392,20 +393,40 @@ def _security_fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
-def config_from_args(args: argparse.Namespace, *, sockets_inherited: bool = False) -> Config:
-    """``sockets_inherited``: systemd passed the listening sockets, so the listen address
-    may be left out (and is not used when given)."""
-    endpoints: list[str] = list(args.endpoints)
-    if args.target_config and not args.token_plugin:
-        args.token_plugin, args.token_source = "TokenFile", args.target_config
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(
+        handshake_timeout=args.handshake_timeout,
+        connect_timeout=args.connect_timeout,
+        close_timeout=args.close_timeout,
+        idle_timeout=args.idle_timeout,
+        session_timeout=args.session_timeout,
+        heartbeat=args.heartbeat,
+        max_message_size=args.max_message_size,
+        max_connections=args.max_connections,
+        max_handshakes=args.max_handshakes,
+        shutdown_grace=args.shutdown_grace,
+        max_connections_per_address=args.max_connections_per_address or None,
+        connection_rate=args.connection_rate or None,
+        connection_burst=args.connection_burst,
+    )
+
+
+def _positional_shape(args: argparse.Namespace, sockets_inherited: bool) -> tuple[bool, bool]:
+    """Which of (listen address, target) the positional arguments hold.
+
+    websockify's form is ``[source_host:]source_port target_host:target_port``; a
+    --unix-listen or --unix-target takes the place of one. No target is given with
+    token routing, --file-only, or a wrapped program on a port the bridge picks; no
+    listen address when systemd passed the listening sockets.
+    """
+    endpoints: list[str] = args.endpoints
     by_token = args.token_plugin is not None  # the token names the target (docs/security.md)
     if by_token and args.unix_target is not None:
         raise ConfigError("--token-plugin routes each client by its token: drop --unix-target")
-    wanted = 2 - (args.unix_target is not None) - (args.unix_listen is not None)
-    # --file-only has no target; a wrapped program may listen on a port the bridge picks.
     command: list[str] = args.wrap_command
     if not command and (args.wrap_mode or args.wrap_stdio):
         raise ConfigError("--wrap-mode and --wrap-stdio need a program: ... -- PROGRAM ARGS")
+    wanted = 2 - (args.unix_target is not None) - (args.unix_listen is not None)
     untargeted = by_token or args.file_only or bool(command and len(endpoints) == wanted - 1)
     if command and sockets_inherited and args.unix_listen is None and len(endpoints) == wanted - 2:
         untargeted = True  # no listen address (inherited) and no target (the program's port)
@@ -423,51 +444,56 @@ def config_from_args(args: argparse.Namespace, *, sockets_inherited: bool = Fals
             0: "no positional address with both --unix-listen and --unix-target",
         }
         raise ConfigError(f"expected {shapes[wanted]}, got {len(endpoints)} argument(s)")
-    listen: Address
+    has_listen = args.unix_listen is None and not no_listen
+    has_target = args.unix_target is None and not untargeted
+    return has_listen, has_target
+
+
+def _endpoints(
+    args: argparse.Namespace, sockets_inherited: bool
+) -> tuple[Address, Address | None, WrapConfig | None]:
+    """(listen, target, wrapped program) from the positional arguments and --unix-*."""
+    has_listen, has_target = _positional_shape(args, sockets_inherited)
+    endpoints = list(args.endpoints)
+    listen: Address = Config.listen
     if args.unix_listen is not None:
         listen = UnixAddress(args.unix_listen)
-    elif no_listen:
-        listen = Config.listen
-    else:
+    elif has_listen:
         listen = parse_host_port(endpoints.pop(0), "source", default_host=DEFAULT_LISTEN_HOST)
     target: Address | None = None
     if args.unix_target is not None:
         target = UnixAddress(args.unix_target)
-    elif not untargeted:
+    elif has_target:
         target = parse_host_port(endpoints.pop(0), "target")
-    wrap = None
-    if command:
-        if isinstance(target, UnixAddress):
-            raise ConfigError("wrap mode: the program is reached over TCP or --wrap-stdio")
-        mode = args.wrap_mode or "exit"
-        wrap = wrap_config(command, mode=mode, stdio=args.wrap_stdio, target=target)
-        target = None
-    metrics = None
-    if args.metrics is not None:
-        metrics = parse_host_port(args.metrics, "--metrics", default_host=DEFAULT_LISTEN_HOST)
-    limits = Limits(
-        handshake_timeout=args.handshake_timeout,
-        connect_timeout=args.connect_timeout,
-        close_timeout=args.close_timeout,
-        idle_timeout=args.idle_timeout,
-        session_timeout=args.session_timeout,
-        heartbeat=args.heartbeat,
-        max_message_size=args.max_message_size,
-        max_connections=args.max_connections,
-        max_handshakes=args.max_handshakes,
-        shutdown_grace=args.shutdown_grace,
-        max_connections_per_address=args.max_connections_per_address or None,
-        connection_rate=args.connection_rate or None,
-        connection_burst=args.connection_burst,
-    )
-    return Config(
+    if not args.wrap_command:
+        return listen, target, None
+    if isinstance(target, UnixAddress):
+        raise ConfigError("wrap mode: the program is reached over TCP or --wrap-stdio")
+    mode = WrapMode(args.wrap_mode or "exit")
+    return listen, None, WrapConfig(tuple(args.wrap_command), mode, args.wrap_stdio, target)
+
+
+def config_from_args(args: argparse.Namespace, *, sockets_inherited: bool = False) -> ServiceConfig:
+    """``sockets_inherited``: systemd passed the listening sockets, so the listen address
+    may be left out (and is not used when given)."""
+    if args.target_config and not args.token_plugin:
+        args.token_plugin, args.token_source = "TokenFile", args.target_config
+    listen, target, wrap = _endpoints(args, sockets_inherited)
+    bridge = Config(
         target=target,
         listen=listen,
         unix_listen_mode=args.unix_listen_mode,
-        limits=limits,
+        limits=_limits(args),
         compression=args.compression,
         traffic=args.traffic,
         zero_copy=args.zero_copy,
+        **_security_fields(args),
+    )
+    metrics = None
+    if args.metrics is not None:
+        metrics = parse_host_port(args.metrics, "--metrics", default_host=DEFAULT_LISTEN_HOST)
+    return ServiceConfig(
+        bridge,
         web=Path(args.web) if args.web is not None else None,
         web_listing=args.web_listing,
         web_auth=args.web_auth,
@@ -476,7 +502,6 @@ def config_from_args(args: argparse.Namespace, *, sockets_inherited: bool = Fals
         wrap=wrap,
         metrics_listen=metrics,
         record=args.record,
-        **_security_fields(args),
     )
 
 
@@ -511,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trio-bridge: {exc}", file=sys.stderr)
         return 1
     try:
-        config = config_from_args(args, sockets_inherited=inherited is not None)
+        service = config_from_args(args, sockets_inherited=inherited is not None)
     except ConfigError as exc:
         parser.error(str(exc))
     if args.record_priority is not None:  # to be removed in the next minor version
@@ -519,17 +544,33 @@ def main(argv: list[str] | None = None) -> int:
             "--record-priority is deprecated and has no effect: recordings keep "
             "every frame unless the disk falls behind"
         )
-    if inherited is not None and inherited.listening(Role.WSS) and config.tls is None:
-        print("trio-bridge: a socket named 'wss' needs --cert (and --key)", file=sys.stderr)
+    try:
+        addons = _compose(service, inherited)
+    except StartupError as exc:  # e.g. a file that cannot be read (CertificateError is both)
+        print(f"trio-bridge: {exc}", file=sys.stderr)
         return 1
-    if inherited is not None and inherited.connection is not None and config.wrap is not None:
+    except ConfigError as exc:  # what only building the parts finds: a plugin, a pattern
+        parser.error(str(exc))
+    return _run(addons, inherited)
+
+
+def _compose(service: ServiceConfig, inherited: InheritedSockets | None) -> Addons:
+    """Every part built once, before anything serves, fitted to the inherited sockets."""
+    if inherited is not None and inherited.listening(Role.WSS) and service.bridge.tls is None:
+        raise StartupError("a socket named 'wss' needs --cert (and --key)")
+    if inherited is not None and inherited.connection is not None and service.wrap is not None:
         # One process per connection cannot supervise a long-lived wrapped program.
-        print("trio-bridge: wrap mode cannot serve an Accept=yes connection", file=sys.stderr)
-        return 1
+        raise StartupError("wrap mode cannot serve an Accept=yes connection")
+    metrics_sockets = inherited.listening(Role.METRICS) if inherited is not None else ()
+    return Addons(service, metrics_listeners=metrics_sockets)
+
+
+def _run(addons: Addons, inherited: InheritedSockets | None) -> int:
+    """Serve; the exit status: 0, the wrapped program's in ``exit`` mode, or 1."""
     failures: list[StartupError] = []
     status = 0
     try:
-        trio.run(run, config, inherited)
+        trio.run(run, addons, inherited)
     except* WrappedProgramExited as group:
         status = WrappedProgramExited.status_of(group)
     except* StartupError as group:

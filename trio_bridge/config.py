@@ -1,91 +1,63 @@
-"""The bridge's configuration: one frozen value built by the CLI or by an embedding program.
+"""What the operator configured: plain, frozen values, and the one place they are checked.
 
-Validation lives here, not in the CLI, so a program that builds a :class:`Config`
-directly gets the same clear errors as a person typing a command line.
+Two levels, as in the process:
+
+- :class:`Config` is what one :class:`~trio_bridge.server.Bridge` reads: where it
+  listens and relays to, limits, TLS, token routing and authentication.
+- :class:`ServiceConfig` adds what a command line runs around a bridge: files and the
+  health endpoint on the same port, a wrapped program, metrics, recordings
+  (:class:`~trio_bridge.addons.Addons` builds those parts).
+
+Values here are data, never I/O: no file is read and no plugin is loaded when a config
+is made (so a settings object is cheap, comparable and can be made twice). Every check
+that needs only the values runs in ``__post_init__`` below, so a program that builds a
+config directly gets the same clear errors as a person typing a command line. What
+only the files or plugins can tell (a missing certificate, an unknown plugin) is found
+once, when the parts are built, before the bridge serves.
+
+This module imports only the shared vocabulary (:mod:`.addresses`, :mod:`.errors`):
+everything else imports it, so it can import nothing else without a cycle.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .auth import AuthSettings
-    from .tls import TargetTlsSettings, TlsSettings
-    from .tokens import TokenSettings
-    from .wrap import WrapConfig
+from .addresses import (
+    DEFAULT_LISTEN_HOST,
+    Address,
+    TcpAddress,
+    UnixAddress,
+    parse_host_port,
+    parse_port,
+)
+from .errors import ConfigError, StartupError
 
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the value and why."""
-
-
-class StartupError(Exception):
-    """The bridge cannot start (a port is taken, a folder is missing, ...).
-
-    The message is one line naming the cause; the CLI prints it and exits 1. Raise it
-    (or a subclass) from anything that runs before the bridge reports it is serving.
-    """
-
-
-@dataclass(frozen=True)
-class TcpAddress:
-    """A TCP endpoint: a host name or address literal and a port."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class UnixAddress:
-    """A Unix-domain stream socket, by path."""
-
-    path: str
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}"
-
-
-Address = TcpAddress | UnixAddress
-
-
-def parse_port(text: str, what: str) -> int:
-    try:
-        port = int(text, 10)
-    except ValueError:
-        raise ConfigError(f"{what}: {text!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{what}: port {port} is out of range 0-65535")
-    return port
-
-
-def parse_host_port(text: str, what: str, default_host: str | None = None) -> TcpAddress:
-    """Parse ``host:port``, ``[v6]:port`` or, when ``default_host`` is given, a bare ``port``."""
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ConfigError(f"{what}: {text!r} is not of the form [ipv6]:port")
-        return TcpAddress(host, parse_port(rest[1:], what))
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        if default_host is None:
-            raise ConfigError(f"{what}: {text!r} is not of the form host:port")
-        return TcpAddress(default_host, parse_port(text, what))
-    if not host:
-        if default_host is None:
-            raise ConfigError(f"{what}: {text!r} has no host")
-        host = default_host
-    if ":" in host:
-        raise ConfigError(f"{what}: write IPv6 addresses in brackets, as [{host}]:{port}")
-    return TcpAddress(host, parse_port(port, what))
-
-
-DEFAULT_LISTEN_HOST = "127.0.0.1"
+__all__ = [
+    "DEFAULT_LISTEN_HOST",
+    "TLS_VERSIONS",
+    "TOKEN_FROM",
+    "Address",
+    "AuthSettings",
+    "Config",
+    "ConfigError",
+    "Limits",
+    "ServiceConfig",
+    "StartupError",
+    "TargetTlsSettings",
+    "TcpAddress",
+    "TlsSettings",
+    "TokenSettings",
+    "UnixAddress",
+    "WrapConfig",
+    "WrapMode",
+    "parse_host_port",
+    "parse_port",
+]
 
 
 @dataclass(frozen=True)
@@ -95,8 +67,8 @@ class Limits:
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
     close_timeout: float = 2.0
-    # A production default: a peer that vanished without a FIN (a laptop lid, a NAT
-    # timeout) is found within two heartbeats; a quiet but live session is kept.
+    # Off by default: a quiet console whose browser answers pings is a live session;
+    # the heartbeat finds a peer that vanished without a FIN (a laptop lid, a NAT).
     idle_timeout: float | None = None
     session_timeout: float | None = None
     heartbeat: float | None = 30.0
@@ -119,29 +91,97 @@ class Limits:
                 raise ConfigError(f"{flag}: must be greater than 0, got {value}")
 
 
-@dataclass(frozen=True)
-class Config:
-    """Everything one bridge process needs to know.
+TLS_VERSIONS = {
+    "1.2": ssl.TLSVersion.TLSv1_2,
+    "1.3": ssl.TLSVersion.TLSv1_3,
+    # websockify's --ssl-version spellings, so its command lines keep working
+    "tlsv1_2": ssl.TLSVersion.TLSv1_2,
+    "tlsv1_3": ssl.TLSVersion.TLSv1_3,
+    "default": ssl.TLSVersion.TLSv1_2,
+}
 
-    ``listen`` is where the bridge binds when it is not handed sockets (by systemd or
-    by an embedding program); ``target`` is the only place clients are relayed to.
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Server-side TLS: ``--cert``/``--key`` and the options that shape the context.
+
+    ``cafile`` alone verifies client certificates when clients present one;
+    ``verify_client`` makes one mandatory (the handshake fails without it). The files
+    are read when the bridge is built (:class:`~trio_bridge.tls.ServerTls`).
     """
 
-    target: Address | None  # None: a resolver decides (--file-only, wrap mode, ...)
+    cert: str
+    key: str | None = None
+    ssl_only: bool = False
+    minimum_version: str = "1.2"
+    ciphers: str | None = None
+    verify_client: bool = False
+    cafile: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.minimum_version not in TLS_VERSIONS:
+            raise ConfigError(
+                f"--ssl-minimum-version: {self.minimum_version!r} is not one of 1.2, 1.3 "
+                "(TLS 1.0 and 1.1 are not offered: they are broken)"
+            )
+        if self.verify_client and not self.cafile:
+            raise ConfigError("--verify-client needs --cafile: the CAs of client certificates")
+
+
+@dataclass(frozen=True)
+class TargetTlsSettings:
+    """``--ssl-target``: TLS to the target, verified against ``cafile`` (default: system CAs).
+
+    The certificate must name ``server_name``, or the target's host when that is None;
+    ``verify=False`` is the explicit, logged opt-out for self-signed targets.
+    """
+
+    cafile: str | None = None
+    server_name: str | None = None
+    verify: bool = True
+
+
+TOKEN_FROM = ("query", "path", "host")
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """``--token-plugin``, ``--token-source`` and where the token is read from."""
+
+    plugin: str
+    source: str | None = None
+    token_from: str = "query"
+
+    def __post_init__(self) -> None:
+        if self.token_from not in TOKEN_FROM:
+            choices = ", ".join(TOKEN_FROM)
+            raise ConfigError(f"--token-from: {self.token_from!r} is not one of {choices}")
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """One ``--auth-plugin`` with its ``--auth-source``."""
+
+    plugin: str
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one :class:`~trio_bridge.server.Bridge` reads.
+
+    ``listen`` is where the bridge binds when it is not handed sockets (by systemd or
+    by an embedding program); ``target`` is the only place clients are relayed to,
+    unless ``tokens`` name one target per client (or a resolver is given to the bridge).
+    """
+
+    target: Address | None  # None: a resolver decides (tokens, --file-only, wrap mode)
     listen: Address = TcpAddress(DEFAULT_LISTEN_HOST, 6080)
     unix_listen_mode: int | None = None
     limits: Limits = Limits()
     compression: bool = False
     traffic: bool = False
     zero_copy: bool = True
-    # Plain HTTP on the WebSocket port (docs/web.md), wrap mode, metrics (docs/metrics.md).
-    web: Path | None = None
-    web_listing: bool = False
-    web_auth: bool = False
-    file_only: bool = False
-    health_path: str | None = "/healthz"
-    wrap: WrapConfig | None = None
-    metrics_listen: TcpAddress | None = None
     # TLS, token routing, authentication, per-address limits (docs/security.md).
     tls: TlsSettings | None = None
     target_tls: TargetTlsSettings | None = None
@@ -150,45 +190,89 @@ class Config:
     auth: tuple[AuthSettings, ...] = ()
     allow_origins: tuple[str, ...] = ()
     limit_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
-    # --record: one file per session in this folder (docs/recording-format.md). The CLI
-    # runs the recorder; an embedding program passes observers=Recorder(...) to Bridge.
-    record: Path | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target, UnixAddress) and not self.target.path:
             raise ConfigError("--unix-target: the path is empty")
-        if isinstance(self.listen, UnixAddress):
-            parent = Path(self.listen.path).parent
-            if not parent.is_dir():
-                raise ConfigError(f"--unix-listen: folder {parent} does not exist")
         if self.unix_listen_mode is not None and not isinstance(self.listen, UnixAddress):
             raise ConfigError("--unix-listen-mode needs --unix-listen")
-        _check_web_and_wrap(self)
-        _check_security_options(self)
+        if self.tokens is not None and self.target is not None:
+            raise ConfigError("--token-plugin routes each client by its token: give no target")
 
 
-def _check_web_and_wrap(config: Config) -> None:
-    """--web, --file-only, --health-path and wrap mode (docs/web.md, docs/wrap-mode.md)."""
-    if config.web is not None and not Path(config.web).is_dir():
-        raise ConfigError(f"--web: {config.web} is not a folder")
-    if config.web is None and (config.web_listing or config.web_auth or config.file_only):
-        raise ConfigError("--web-listing, --web-auth and --file-only need --web DIR")
-    if config.file_only and (config.wrap is not None or config.target is not None):
-        raise ConfigError("--file-only relays nothing: give no target and no wrapped program")
-    if config.wrap is not None and config.target is not None:
-        raise ConfigError("wrap mode: the program's address goes in WrapConfig.target")
-    if config.wrap is not None and config.tokens is not None:
-        raise ConfigError("wrap mode relays to its one program: drop --token-plugin")
-    if config.health_path is not None and not config.health_path.startswith("/"):
-        raise ConfigError(f"--health-path: {config.health_path!r} must start with /")
+class WrapMode(enum.Enum):
+    """What the bridge does when the wrapped program exits."""
+
+    IGNORE = "ignore"
+    EXIT = "exit"
+    RESPAWN = "respawn"
 
 
-def _check_security_options(config: Config) -> None:
-    """Cross-field checks of docs/security.md (each settings object checks itself)."""
-    from .auth import check_auth  # here: those modules import this one
-    from .limits import parse_networks
-    from .tokens import check_routing
+@dataclass(frozen=True)
+class WrapConfig:
+    """The program and how to reach it; ``target`` is None for ``--wrap-stdio`` and when
+    the bridge chooses a free port on 127.0.0.1 (docs/wrap-mode.md)."""
 
-    check_routing(config)
-    check_auth(config)
-    parse_networks(config.limit_exempt, "--limit-exempt")
+    command: tuple[str, ...]
+    mode: WrapMode = WrapMode.EXIT
+    stdio: bool = False
+    target: TcpAddress | None = None
+    start_timeout: float = 30.0
+    stop_timeout: float = 5.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    stable_after: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.command:
+            raise ConfigError("wrap mode: no program given after --")
+        if self.stdio and self.target is not None:
+            raise ConfigError("--wrap-stdio relays to the program's stdin/stdout: give no target")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """A bridge and what the command line runs around it (docs/cli.md).
+
+    ``web``: plain HTTP files on the WebSocket port (docs/web.md); ``health_path``: the
+    load balancers' endpoint; ``wrap``: a program the bridge starts and relays to
+    (docs/wrap-mode.md); ``metrics_listen``: Prometheus (docs/metrics.md); ``record``:
+    one recording per session in this folder (docs/recording-format.md).
+    """
+
+    bridge: Config
+    web: Path | None = None
+    web_listing: bool = False
+    web_auth: bool = False
+    file_only: bool = False
+    health_path: str | None = "/healthz"
+    wrap: WrapConfig | None = None
+    metrics_listen: TcpAddress | None = None
+    record: Path | None = None
+
+    def __post_init__(self) -> None:
+        bridge = self.bridge
+        if self.web is None and (self.web_listing or self.web_auth or self.file_only):
+            raise ConfigError("--web-listing, --web-auth and --file-only need --web DIR")
+        if self.web_auth and not bridge.auth:
+            raise ConfigError(
+                "--web-auth: no --auth-plugin to apply to files (Origin checks do not apply: "
+                "browsers send no Origin header when they load a page)"
+            )
+        relays_elsewhere = self.file_only or self.wrap is not None
+        if self.file_only and self.wrap is not None:
+            raise ConfigError("--file-only relays nothing: give no wrapped program")
+        if relays_elsewhere and bridge.target is not None:
+            raise ConfigError(
+                "--file-only relays nothing: give no target"
+                if self.file_only
+                else "wrap mode: the program's address goes in WrapConfig.target"
+            )
+        if relays_elsewhere and bridge.tokens is not None:
+            raise ConfigError(
+                "--file-only relays nothing: drop --token-plugin"
+                if self.file_only
+                else "wrap mode relays to its one program: drop --token-plugin"
+            )
+        if self.health_path is not None and not self.health_path.startswith("/"):
+            raise ConfigError(f"--health-path: {self.health_path!r} must start with /")

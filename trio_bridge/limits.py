@@ -32,16 +32,13 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 import trio
 
-from .config import ConfigError
+from .config import Config
+from .errors import ConfigError
 from .netio import peer_uid
 from .routing import HttpRefusal
-
-if TYPE_CHECKING:
-    from .config import Config
 
 log = logging.getLogger("trio_bridge.limits")
 

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import trio
 
-from .config import Address, StartupError, TcpAddress, UnixAddress
+from .addresses import Address, TcpAddress, UnixAddress
+from .errors import StartupError
 from .netio import Fairness
 
 BACKLOG = 4096  # the kernel caps this at net.core.somaxconn

@@ -33,6 +33,7 @@ from .listeners import accept_forever, describe
 from .logs import RateLimitedLog
 from .netio import close_socket
 from .request_target import split_target
+from .version import __version__
 from .web import SAFE_METHODS, http_response, method_not_allowed, text_response
 
 if TYPE_CHECKING:
@@ -45,12 +46,6 @@ log = logging.getLogger("trio_bridge.metrics")
 
 #: What ``generate_latest`` writes: the text exposition format, version 0.0.4.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def _version() -> str:
-    from . import __version__  # the package imports this module while it initialises
-
-    return __version__
 
 
 def close_code_label(code: int | None) -> str:
@@ -142,7 +137,7 @@ class BridgeMetrics:
         info = GaugeMetricFamily(
             "trio_bridge_build_info", "The trio-bridge version, as a label.", labels=["version"]
         )
-        info.add_metric([_version()], 1)
+        info.add_metric([__version__], 1)
         yield info
         yield GaugeMetricFamily(
             "trio_bridge_sessions_open", "WebSocket sessions relaying now.", value=len(self._open)

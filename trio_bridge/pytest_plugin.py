@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
     import trio
 
-    from .config import Address, Config, TcpAddress
+    from .addresses import Address, TcpAddress
+    from .config import Config
     from .recording import Recorder
     from .replay import ReplayServer
     from .server import Bridge
@@ -66,7 +67,7 @@ class RunningBridge:
 
 def _address(target: TargetLike | None) -> Address | None:
     """None: no fixed target, for a bridge that routes by token (``tokens=...``)."""
-    from .config import TcpAddress, UnixAddress
+    from .addresses import TcpAddress, UnixAddress
 
     if target is None or isinstance(target, TcpAddress | UnixAddress):
         return target
@@ -103,7 +104,7 @@ async def tcp_echo_target(nursery: trio.Nursery) -> TcpAddress:
     """A TCP server on 127.0.0.1 that sends back everything it receives."""
     import trio
 
-    from .config import TcpAddress
+    from .addresses import TcpAddress
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]

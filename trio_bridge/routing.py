@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from websockets.http11 import Request, Response
 
-from .config import Address
+from .addresses import Address
 
 
 class HttpRefusal(Exception):

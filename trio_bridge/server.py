@@ -26,9 +26,11 @@ from websockets.http11 import Request, Response
 from websockets.protocol import CONNECTING, OPEN
 
 from . import listeners as listeners_mod
+from .addresses import Address
 from .auth import gates_for
 from .channel import ClientChannel, ClientGone
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
 from .handshake import (
     HandshakeFailure,
     Refusal,
@@ -93,8 +95,8 @@ class Bridge:
         self.redact_path: Callable[[str], str] = getattr(resolver, "redact_path", redact)
         # Security components (docs/security.md); gates run before the resolver.
         self.gates = list(gates) if gates is not None else gates_for(config)
-        self.tls = ServerTls.for_config(config)
-        self.target_tls = TargetTls.for_config(config)
+        self.tls = ServerTls(config.tls) if config.tls is not None else None
+        self.target_tls = TargetTls(config.target_tls) if config.target_tls is not None else None
         self.address_limits = AddressLimiter.for_config(config)
         self.metrics = metrics or BridgeMetrics(process=False)
         self.http = http
@@ -433,49 +435,59 @@ class Bridge:
             close_socket(sock)
 
     async def _serve_connection(self, channel: ClientChannel, handshake: Handshake) -> None:
-        config = self.config
-        limits = config.limits
-        protocol = channel.protocol
-        transport = channel.transport
-        peer = channel.peer
-
+        """The request, then one answer: a refusal, an HTTP response, or a session."""
         request = await receive_request(channel)
         self._handshakes.leave(handshake)
         if isinstance(request, Refusal):
             self.metrics.handshake_failed(request.kind)
             key = f"{request.kind} {request.status}"
-            self._handshake_log.log(key, "client %s: %s", peer, request.reason)
-            await channel.linger_and_close(limits.close_timeout)
+            self._handshake_log.log(key, "client %s: %s", channel.peer, request.reason)
+            await channel.linger_and_close(self.config.limits.close_timeout)
             return
-
         if self.http is not None and not is_websocket_upgrade(request):
-            answer = await self.http.respond(request, peer)
+            answer = await self.http.respond(request, channel.peer)
             if answer is not None:
                 await self._answer_http(channel, request, answer)
                 return
-
-        response = decide_response(protocol, request)
-        if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS:
-            try:
-                client = client_info(transport, peer)
-                for gate in self.gates:
-                    await gate.check(request, client)
-                address = await self.resolver.resolve(request, peer)
-            except HttpRefusal as refusal:
-                response = protocol.reject(refusal.status, f"{refusal.reason}\n")
-                for name, value in refusal.headers:
-                    response.headers[name] = value
-            except Exception:
-                # A gate or resolver (possibly an operator's plugin) failed: this client
-                # gets a 500, every other connection carries on.
-                log.exception("client %s: checking the request failed", peer)
-                response = protocol.reject(500, "Internal error while checking the request\n")
-        if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
+        response, address = await self._decide(channel, request)
+        if address is None:
             self.metrics.handshake_failed(response.status_code)
             await self._answer_http(channel, request, response)
             return
+        await self._relay(channel, request, response, address)
 
-        stats = SessionStats(new_session_id(), peer, str(address))
+    async def _decide(
+        self, channel: ClientChannel, request: Request
+    ) -> tuple[Response, Address | None]:
+        """The handshake's answer and, when it is 101, where to relay: websockets'
+        checks, then the gates, then the resolver."""
+        protocol = channel.protocol
+        response = decide_response(protocol, request)
+        if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
+            return response, None
+        try:
+            client = client_info(channel.transport, channel.peer)
+            for gate in self.gates:
+                await gate.check(request, client)
+            return response, await self.resolver.resolve(request, channel.peer)
+        except HttpRefusal as refusal:
+            response = protocol.reject(refusal.status, f"{refusal.reason}\n")
+            for name, value in refusal.headers:
+                response.headers[name] = value
+        except Exception:
+            # A gate or resolver (possibly an operator's plugin) failed: this client
+            # gets a 500, every other connection carries on.
+            log.exception("client %s: checking the request failed", channel.peer)
+            response = protocol.reject(500, "Internal error while checking the request\n")
+        return response, None
+
+    async def _relay(
+        self, channel: ClientChannel, request: Request, response: Response, address: Address
+    ) -> None:
+        """Connect to the target, accept the WebSocket, and run the session to its end."""
+        protocol = channel.protocol
+        limits = self.config.limits
+        stats = SessionStats(new_session_id(), channel.peer, str(address))
         try:
             target = await connect(address, limits.connect_timeout, tls=self.target_tls)
         except TargetUnavailable as exc:
@@ -485,11 +497,10 @@ class Bridge:
             protocol.send_close(INTERNAL_ERROR, fit_reason(str(exc)))
             await channel.flush()
             self._target_log.log(
-                stats.target, "session %s: client %s: %s", stats.session_id, peer, exc
+                stats.target, "session %s: client %s: %s", stats.session_id, channel.peer, exc
             )
             await channel.linger_and_close(limits.close_timeout)
             return
-
         try:
             protocol.send_response(response)
             await channel.flush()
@@ -501,13 +512,13 @@ class Bridge:
         log.debug(
             "session %s opened: client=%s path=%s target=%s subprotocol=%s",
             stats.session_id,
-            peer,
+            channel.peer,
             path,
             address,
             protocol.subprotocol,
         )
         observer = self._open_observer(stats, path, protocol.subprotocol)
-        session = Session(channel, target, config, stats, observer)
+        session = Session(channel, target, self.config, stats, observer)
         self.sessions.add(session)
         self.metrics.session_opened(stats)
         try:

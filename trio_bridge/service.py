@@ -1,7 +1,8 @@
 """Running one configured bridge as a process: signals, systemd, recorder, add-ons.
 
-:mod:`trio_bridge.cli` turns a command line into a :class:`~trio_bridge.config.Config`;
-this module runs it. SIGTERM/SIGINT drain and stop, SIGHUP reloads what can be
+:mod:`trio_bridge.cli` turns a command line into a
+:class:`~trio_bridge.config.ServiceConfig` and :class:`~trio_bridge.addons.Addons` builds
+its parts; this module runs them. SIGTERM/SIGINT drain and stop, SIGHUP reloads what can be
 reloaded, and systemd hears about each step (READY, STATUS, RELOADING, STOPPING,
 WATCHDOG) through :mod:`trio_bridge.systemd`.
 """
@@ -16,15 +17,14 @@ import trio
 
 from .activation import InheritedSockets, Role
 from .addons import Addons
-from .config import Config
-from .recording import recorder_for, running_recorder
+from .recording import running_recorder
 from .server import GOING_AWAY, Bridge
 from .systemd import ServiceLink, service_link
 
 log = logging.getLogger("trio_bridge")
 
 
-async def run(config: Config, inherited: InheritedSockets | None = None) -> None:
+async def run(addons: Addons, inherited: InheritedSockets | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain and return; SIGHUP reloads.
 
     A second SIGTERM/SIGINT ends the drain at once (sessions are closed with 1001), a
@@ -37,14 +37,7 @@ async def run(config: Config, inherited: InheritedSockets | None = None) -> None
     those listeners, or the one inherited connection and then returns. systemd is
     kept informed (READY, STATUS, STOPPING, WATCHDOG) by :mod:`trio_bridge.systemd`.
     """
-    addons = Addons(
-        config,
-        metrics_listeners=inherited.listening(Role.METRICS) if inherited is not None else (),
-    )
-    bridge = addons.bridge()
-    recorder = recorder_for(config, on_gap=addons.metrics.recording_gap)
-    if recorder is not None:
-        bridge.observers = recorder  # the recorder watches the sessions of Addons' bridge
+    bridge = addons.bridge
     if inherited is not None:
         log.info("serving %s; no address is bound", inherited)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -53,7 +46,7 @@ async def run(config: Config, inherited: InheritedSockets | None = None) -> None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(stops.handle, signals)
                 with stops.scope:
-                    async with running_recorder(recorder):
+                    async with running_recorder(addons.recorder):
                         await _serve(addons, bridge, inherited, stops)
                 nursery.cancel_scope.cancel()
 
@@ -134,6 +127,6 @@ async def _serve(
         # byte tells TLS from plain (--ssl-only refuses plain ones).
         listeners = inherited.listening(Role.WS) + inherited.listening(Role.WSS)
     async with trio.open_nursery() as nursery:
-        await nursery.start(addons.serve, bridge, listeners)
+        await nursery.start(addons.serve, listeners)
         stops.serving = True
         stops.link.ready()

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .config import StartupError
+from .errors import StartupError
 
 if TYPE_CHECKING:
     from .server import Bridge

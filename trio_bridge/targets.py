@@ -13,7 +13,7 @@ import socket
 
 import trio
 
-from .config import Address, TcpAddress, UnixAddress
+from .addresses import Address, TcpAddress, UnixAddress
 from .tls import TargetTls, TlsFailure
 from .transport import SocketTransport, StreamTransport
 

@@ -18,30 +18,19 @@ import logging
 import re
 import socket
 import ssl
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from .config import Address, ConfigError, StartupError, TcpAddress
+from .addresses import Address, TcpAddress
+from .config import TLS_VERSIONS, TargetTlsSettings, TlsSettings
+from .errors import ConfigError, StartupError
 from .routing import ClientInfo
 from .transport import StreamTransport, Transport
-
-if TYPE_CHECKING:
-    from .config import Config
 
 log = logging.getLogger("trio_bridge.tls")
 
 TLS_HANDSHAKE_RECORD = 0x16
-
-TLS_VERSIONS = {
-    "1.2": ssl.TLSVersion.TLSv1_2,
-    "1.3": ssl.TLSVersion.TLSv1_3,
-    # websockify's --ssl-version spellings, so its command lines keep working
-    "tlsv1_2": ssl.TLSVersion.TLSv1_2,
-    "tlsv1_3": ssl.TLSVersion.TLSv1_3,
-    "default": ssl.TLSVersion.TLSv1_2,
-}
 
 
 class TlsFailure(Exception):
@@ -63,49 +52,6 @@ class _Passphrase(Exception):
 
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----")
 _PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z]+ )*PRIVATE KEY-----")
-
-
-@dataclass(frozen=True)
-class TlsSettings:
-    """Server-side TLS: ``--cert``/``--key`` and the options that shape the context.
-
-    ``cafile`` alone verifies client certificates when clients present one;
-    ``verify_client`` makes one mandatory (the handshake fails without it).
-    """
-
-    cert: str
-    key: str | None = None
-    ssl_only: bool = False
-    minimum_version: str = "1.2"
-    ciphers: str | None = None
-    verify_client: bool = False
-    cafile: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.minimum_version not in TLS_VERSIONS:
-            raise ConfigError(
-                f"--ssl-minimum-version: {self.minimum_version!r} is not one of 1.2, 1.3 "
-                "(TLS 1.0 and 1.1 are not offered: they are broken)"
-            )
-        if self.verify_client and not self.cafile:
-            raise ConfigError("--verify-client needs --cafile: the CAs of client certificates")
-        if self.ciphers:
-            _ciphers_context(self.ciphers)
-        # The files are read by server_context() when the bridge starts (ServerTls):
-        # a bad file is a start-up failure naming it, not one at the first client.
-
-
-@dataclass(frozen=True)
-class TargetTlsSettings:
-    """``--ssl-target``: TLS to the target, verified against ``cafile`` (default: system CAs).
-
-    The certificate must name ``server_name``, or the target's host when that is None;
-    ``verify=False`` is the explicit, logged opt-out for self-signed targets.
-    """
-
-    cafile: str | None = None
-    server_name: str | None = None
-    verify: bool = True
 
 
 def _file_error(flag: str, path: str, exc: OSError) -> CertificateError:
@@ -263,10 +209,6 @@ class ServerTls:
         plain = "refused" if self.requires_tls else "served on the same port"
         log.info("TLS with certificate %s; plain ws:// %s", settings.cert, plain)
 
-    @classmethod
-    def for_config(cls, config: Config) -> ServerTls | None:
-        return cls(config.tls) if config.tls is not None else None
-
     @property
     def ssl_only(self) -> bool:
         return self.settings.ssl_only
@@ -319,10 +261,6 @@ class TargetTls:
         # A Unix-socket target has no host name to check unless one is configured.
         self.context_without_name = _client_context(self.settings, check_hostname=False)
         self.context = context
-
-    @classmethod
-    def for_config(cls, config: Config) -> TargetTls | None:
-        return cls(config.target_tls) if config.target_tls is not None else None
 
     def reload(self) -> None:
         """Re-read the target CA file; raises :class:`ConfigError` (keeping the old one)."""

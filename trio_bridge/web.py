@@ -40,7 +40,8 @@ import trio
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from .config import Address, ConfigError
+from .addresses import Address
+from .errors import ConfigError
 from .logs import escape
 from .netio import PEER_GONE, Fairness
 from .request_target import split_target

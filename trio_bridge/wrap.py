@@ -32,7 +32,6 @@ stderr (and, in TCP mode, its stdout) goes to the log, line by line, at INFO.
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import math
 import os
@@ -42,14 +41,15 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TypeVar, cast
 
 import trio
 from websockets.http11 import Request
 
-from .config import Address, ConfigError, StartupError, TcpAddress, UnixAddress
+from .addresses import Address, TcpAddress, UnixAddress
+from .config import WrapConfig, WrapMode
+from .errors import StartupError
 from .routing import HttpRefusal
 
 log = logging.getLogger("trio_bridge.wrap")
@@ -62,34 +62,6 @@ OUTPUT_GRACE = 1.0  # seconds to read a stopped program's last output
 GROUP_EXIT_TIMEOUT = 2.0  # seconds for a SIGKILLed process group to be gone
 # A pipe or socket that broke ends that direction of a stdio session, not the supervisor.
 BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
-
-
-class WrapMode(enum.Enum):
-    IGNORE = "ignore"
-    EXIT = "exit"
-    RESPAWN = "respawn"
-
-
-@dataclass(frozen=True)
-class WrapConfig:
-    """The program and how to reach it; ``target`` is None for ``--wrap-stdio`` and when
-    the bridge chooses a free port on 127.0.0.1."""
-
-    command: tuple[str, ...]
-    mode: WrapMode = WrapMode.EXIT
-    stdio: bool = False
-    target: TcpAddress | None = None
-    start_timeout: float = 30.0
-    stop_timeout: float = 5.0
-    backoff_initial: float = 0.5
-    backoff_max: float = 30.0
-    stable_after: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not self.command:
-            raise ConfigError("wrap mode: no program given after --")
-        if self.stdio and self.target is not None:
-            raise ConfigError("--wrap-stdio relays to the program's stdin/stdout: give no target")
 
 
 # -- processes ------------------------------------------------------------------------
@@ -512,22 +484,6 @@ class Supervisor:
 
             nursery.start_soon(upstream)
             nursery.start_soon(downstream)
-
-
-def wrap_config(
-    command: Sequence[str],
-    *,
-    mode: str,
-    stdio: bool,
-    target: TcpAddress | None,
-) -> WrapConfig:
-    """The CLI's view: ``mode`` as typed, validated with a message naming the option."""
-    try:
-        wrap_mode = WrapMode(mode)
-    except ValueError:
-        choices = ", ".join(m.value for m in WrapMode)
-        raise ConfigError(f"--wrap-mode: {mode!r} is not one of {choices}") from None
-    return WrapConfig(tuple(command), wrap_mode, stdio, target)
 
 
 def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -43,7 +43,7 @@ import trio
 from websockets.frames import Frame
 
 from .. import __version__
-from ..config import Config, StartupError
+from ..config import Config, ServiceConfig, StartupError
 from ..observe import Direction, SessionInfo
 from .buffer import Entry, EventBuffer
 from .format import FILE_SUFFIX, EndRecord, Kind, Meta, frame_flags
@@ -387,8 +387,9 @@ async def open_recorder(folder: str | Path, **kwargs: Any) -> AsyncIterator[Reco
         yield recorder
 
 
-def recorder_for(config: Config, on_gap: GapCallback | None = None) -> Recorder | None:
-    """The recorder ``config.record`` asks for (not yet running), or None."""
-    if config.record is None:
+def recorder_for(service: ServiceConfig, on_gap: GapCallback | None = None) -> Recorder | None:
+    """The recorder ``service.record`` asks for (not yet running), or None."""
+    if service.record is None:
         return None
-    return Recorder(config.record, options=options_from_config(config), on_gap=on_gap)
+    options = options_from_config(service.bridge)
+    return Recorder(service.record, options=options, on_gap=on_gap)

@@ -7,16 +7,14 @@
 from .allow import TargetAllowlist, TargetPattern
 from .base import TokenPlugin, TokenStoreError, parse_target
 from .registry import load_token_plugin
-from .router import TokenRouter, TokenSettings, check_routing, extract_token, resolver_for
+from .router import TokenRouter, extract_token, resolver_for
 
 __all__ = [
     "TargetAllowlist",
     "TargetPattern",
     "TokenPlugin",
     "TokenRouter",
-    "TokenSettings",
     "TokenStoreError",
-    "check_routing",
     "extract_token",
     "load_token_plugin",
     "parse_target",

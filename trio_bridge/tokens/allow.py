@@ -32,7 +32,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..config import Address, ConfigError, UnixAddress
+from ..addresses import Address, UnixAddress
+from ..errors import ConfigError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

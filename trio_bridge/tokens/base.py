@@ -32,7 +32,8 @@ from typing import Protocol, runtime_checkable
 
 import idna
 
-from ..config import Address, ConfigError, TcpAddress, UnixAddress, parse_host_port
+from ..addresses import Address, TcpAddress, UnixAddress, parse_host_port
+from ..errors import ConfigError
 
 MAX_TOKEN_LENGTH = 4096
 # Visible ASCII: covers UUIDs, host names, base64url and JWTs; excludes whitespace,

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import trio
 
-from ..config import Address, ConfigError
+from ..addresses import Address
+from ..errors import ConfigError
 from .base import (
     TokenStoreError,
     describe_token,

@@ -41,7 +41,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
 
-from ..config import Address, ConfigError, TcpAddress
+from ..addresses import Address, TcpAddress
+from ..errors import ConfigError
 from ..routing import HttpRefusal
 from .base import require_source
 

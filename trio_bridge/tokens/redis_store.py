@@ -17,7 +17,8 @@ import re
 
 import trio
 
-from ..config import Address, ConfigError, TcpAddress, UnixAddress
+from ..addresses import Address, TcpAddress, UnixAddress
+from ..errors import ConfigError
 from .base import TokenStoreError, describe_token, parse_target, require_source
 from .resp import RedisConnection, RedisError
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import trio
 
-from ..config import Address, ConfigError, TcpAddress, UnixAddress
+from ..addresses import Address, TcpAddress, UnixAddress
+from ..errors import ConfigError
 from .base import PluginAnswerError, TokenPlugin
 
 TOKEN_PLUGINS = {

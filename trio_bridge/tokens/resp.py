@@ -15,7 +15,7 @@ from typing import Any
 import hiredis
 import trio
 
-from ..config import Address, TcpAddress
+from ..addresses import Address, TcpAddress
 
 Arg = str | bytes | int
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from websockets.http11 import Request
 
-from ..config import Address, ConfigError, TcpAddress, UnixAddress
+from ..addresses import Address, TcpAddress, UnixAddress
+from ..config import Config
+from ..errors import ConfigError
 from ..request_target import redact, split_target
 from ..routing import HttpRefusal, StaticTarget, TargetResolver
 from .allow import TargetAllowlist
@@ -41,30 +41,11 @@ from .base import (
 )
 from .registry import BlockingTokenPlugin, load_token_plugin
 
-if TYPE_CHECKING:
-    from ..config import Config
-
 log = logging.getLogger("trio_bridge.tokens")
 
-TOKEN_FROM = ("query", "path", "host")
 INTERNAL_ERROR, BAD_GATEWAY = 500, 502
 NOT_FOUND, FORBIDDEN, UNAVAILABLE = 404, 403, 503
 MAX_QUERY_FIELDS = 64
-
-
-@dataclass(frozen=True)
-class TokenSettings:
-    """``--token-plugin``, ``--token-source`` and where the token is read from."""
-
-    plugin: str
-    source: str | None = None
-    token_from: str = "query"
-
-    def __post_init__(self) -> None:
-        if self.token_from not in TOKEN_FROM:
-            choices = ", ".join(TOKEN_FROM)
-            raise ConfigError(f"--token-from: {self.token_from!r} is not one of {choices}")
-        load_token_plugin(self.plugin, self.source)  # unknown plugin, bad source: fail at start
 
 
 def _refuse(status: int, reason: str) -> HttpRefusal:
@@ -191,23 +172,14 @@ class TokenRouter:
 
 
 def resolver_for(config: Config) -> TargetResolver | None:
-    """The resolver ``config`` describes; None when it names neither a target nor tokens."""
+    """The resolver ``config`` describes, its plugin made once; None when it names
+    neither a target nor tokens."""
+    allow = TargetAllowlist(config.allow_targets)
+    if config.target is not None and not allow.allows(config.target):
+        raise ConfigError(f"target {config.target} is not allowed by any --allow-target pattern")
     if config.tokens is not None:
         plugin = load_token_plugin(config.tokens.plugin, config.tokens.source)
-        return TokenRouter(plugin, config.tokens.token_from, TargetAllowlist(config.allow_targets))
+        return TokenRouter(plugin, config.tokens.token_from, allow)
     if config.target is not None:
         return StaticTarget(config.target)
     return None
-
-
-def check_routing(config: Config) -> None:
-    """Cross-field checks: one way to route, and a fixed target inside --allow-target."""
-    allow = TargetAllowlist(config.allow_targets)
-    if config.tokens is not None and config.target is not None:
-        raise ConfigError(
-            "--token-plugin routes each client to its token's target: give no fixed target"
-        )
-    if config.tokens is not None and (config.wrap is not None or config.file_only):
-        raise ConfigError("--token-plugin does not go with wrap mode or --file-only")
-    if config.target is not None and not allow.allows(config.target):
-        raise ConfigError(f"target {config.target} is not allowed by any --allow-target pattern")

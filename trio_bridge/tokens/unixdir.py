@@ -11,7 +11,8 @@ import os
 import stat
 from pathlib import Path
 
-from ..config import Address, ConfigError, UnixAddress
+from ..addresses import Address, UnixAddress
+from ..errors import ConfigError
 from .base import is_plain_file_name, require_source
 
 
