@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 from websockets.http11 import Request, Response
-from websockets.protocol import CONNECTING, OPEN
+from websockets.protocol import State
 
 from . import listeners as listeners_mod
 from .addresses import Address
@@ -350,13 +350,13 @@ class Bridge:
         timeout = self.config.limits.close_timeout
         try:
             with trio.move_on_after(timeout):
-                if protocol.state is CONNECTING and not channel.eof_sent:
+                if protocol.state is State.CONNECTING and not channel.eof_sent:
                     response = plain_response(
                         http.HTTPStatus.INTERNAL_SERVER_ERROR,
                         f"Internal error (incident {incident}).\n",
                     )
                     await channel.send_raw(response.serialize())
-                elif protocol.state is OPEN:
+                elif protocol.state is State.OPEN:
                     protocol.send_close(INTERNAL_ERROR, f"internal error (incident {incident})")
                     await channel.flush()
                 await channel.linger_and_close(timeout)
