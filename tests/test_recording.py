@@ -19,7 +19,7 @@ from websockets.trio.client import connect
 
 from trio_bridge import TcpAddress
 from trio_bridge.cli import build_parser, config_from_args
-from trio_bridge.observe import Direction, SessionInfo
+from trio_bridge.observe import Direction, ObservedFrame, Opcode, SessionInfo
 from trio_bridge.pytest_plugin import StartBridge
 from trio_bridge.recording import (
     EndRecord,
@@ -417,24 +417,22 @@ def test_records_are_cut_back_to_make_room_for_gap_and_end(tmp_path: Path) -> No
 
 
 def test_a_full_buffer_drops_frames_and_marks_the_gap(tmp_path: Path) -> None:
-    from websockets.frames import Frame, Opcode
-
     info = SessionInfo("00000001", "c:1", "t:2", "/", None, 0.0)
     buffer = EventBuffer(limit=4000)
     observer = SessionRecorder(info, tmp_path / "x.tbrec", buffer)
     for _ in range(10):  # each costs 500 + 160 bytes
-        observer.on_frame(Direction.UP, Frame(Opcode.BINARY, bytes(500)))
+        observer.on_frame(Direction.UP, ObservedFrame(Opcode.BINARY, bytes(500)))
     taken, cost = buffer.take(1 << 30)
     assert len(taken) == 6 and cost == 6 * 660  # the rest did not fit
-    observer.on_frame(Direction.UP, Frame(Opcode.BINARY, bytes(500)))  # still in flight
+    observer.on_frame(Direction.UP, ObservedFrame(Opcode.BINARY, bytes(500)))  # still in flight
     buffer.written(cost)
-    observer.on_frame(Direction.DOWN, Frame(Opcode.BINARY, b"after"))
+    observer.on_frame(Direction.DOWN, ObservedFrame(Opcode.BINARY, b"after"))
     observer.on_end(1000, "", "client")
     (gap, after, end), _ = buffer.take(1 << 30)
     assert gap[0] == Kind.GAP and b'"frames_up":5,"bytes_up":2500' in gap[3]
     assert after[3] == b"after" and end[0] == Kind.END
     assert buffer.dropped.total_frames == 5
-    observer.on_frame(Direction.UP, Frame(Opcode.BINARY, b"late"))  # after END: ignored
+    observer.on_frame(Direction.UP, ObservedFrame(Opcode.BINARY, b"late"))  # after END: ignored
     assert buffer.take(1 << 30) == ([], 0)
 
 

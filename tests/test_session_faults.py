@@ -18,7 +18,7 @@ import trio
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, ProtocolError
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
-from websockets.frames import Close, Frame
+from websockets.frames import Close
 from websockets.http11 import Response
 from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
@@ -29,7 +29,7 @@ from websockets.uri import parse_uri
 from trio_bridge import Bridge, Config
 from trio_bridge import server as server_module
 from trio_bridge.config import Address
-from trio_bridge.observe import Direction, SessionInfo
+from trio_bridge.observe import Direction, ObservedFrame, Opcode, SessionInfo
 from trio_bridge.session import fit_reason
 from trio_bridge.targets import TargetUnavailable
 from trio_bridge.targets import connect as real_connect
@@ -199,6 +199,7 @@ class FailingObserver:
         self.hook = hook
         self.nth = nth
         self.calls: Counter[str] = Counter()
+        self.frames: list[tuple[Direction, ObservedFrame]] = []
         self.ended: list[int | None] = []
 
     def _called(self, hook: str) -> None:
@@ -206,7 +207,8 @@ class FailingObserver:
         if hook == self.hook and self.calls[hook] == self.nth:
             raise RuntimeError(f"observer bug in {hook} (test)")
 
-    def on_frame(self, direction: Direction, frame: Frame) -> None:
+    def on_frame(self, direction: Direction, frame: ObservedFrame) -> None:
+        self.frames.append((direction, frame))
         self._called("on_frame")
 
     def on_end(self, close_code: int | None, close_reason: str, closed_by: str) -> None:
@@ -250,6 +252,12 @@ async def test_observer_failing_in_on_frame_is_detached_and_the_session_relays_o
         await bridge_log.wait_for("ended", "close=1000", logger="trio_bridge.server")
     (observer,) = observers.opened
     assert observer.calls["on_frame"] == 3  # detached at its failure
+    assert observer.frames[:2] == [
+        (Direction.UP, ObservedFrame(Opcode.BINARY, b"message 0")),
+        (Direction.DOWN, ObservedFrame(Opcode.BINARY, b"message 0")),
+    ]
+    # The project's types, not websockets' (whose Opcode compares equal as an IntEnum).
+    assert all(type(f.opcode) is Opcode and type(f.payload) is bytes for _, f in observer.frames)
     assert observer.ended == [1000]  # still told of the end, to finish its recording
     (error,) = errors(caplog)
     assert "observer" in error.getMessage() and "on_frame" in error.getMessage()

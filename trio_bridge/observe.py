@@ -1,8 +1,9 @@
 """What a session shows to an observer such as the recorder, and nothing else.
 
-An observer sees every WebSocket frame of a session as websockets'
-:class:`~websockets.frames.Frame` (opcode, payload, fin), tagged with its direction.
-Data from the target is reported as the binary frame that carried it to the client.
+An observer sees every WebSocket frame of a session as an :class:`ObservedFrame`
+(opcode, payload, fin), tagged with its direction: a type of this project's, so that
+the observer API does not change with the WebSocket library underneath. Data from the
+target is reported as the binary frame that carried it to the client.
 Callbacks are synchronous and must not block: an observer that needs I/O buffers
 and does it elsewhere, because the relay waits for nobody.
 
@@ -22,12 +23,36 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
-from websockets.frames import Frame
-
 
 class Direction(enum.Enum):
     UP = "client->target"
     DOWN = "target->client"
+
+
+class Opcode(enum.IntEnum):
+    """A frame's opcode, with its value on the wire (RFC 6455 5.2)."""
+
+    CONT = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedFrame:
+    """One WebSocket frame of a session.
+
+    ``payload`` is unmasked and, with permessage-deflate, inflated (what the target
+    sends or receives); a close frame's is the 2-byte code and the UTF-8 reason, or
+    nothing. Always ``bytes``, never a buffer the relay reuses: an observer may keep
+    it without a copy.
+    """
+
+    opcode: Opcode
+    payload: bytes
+    fin: bool = True
 
 
 @dataclass(frozen=True)
@@ -41,7 +66,7 @@ class SessionInfo:
 
 
 class SessionObserver(Protocol):
-    def on_frame(self, direction: Direction, frame: Frame) -> None: ...
+    def on_frame(self, direction: Direction, frame: ObservedFrame) -> None: ...
 
     def on_end(self, close_code: int | None, close_reason: str, closed_by: str) -> None: ...
 

@@ -43,7 +43,8 @@ from websockets.protocol import OPEN
 from .channel import ClientChannel, ClientGone
 from .config import Config, Limits
 from .netio import PEER_GONE, Bytes, Fairness
-from .observe import Direction, SessionObserver
+from .observe import Direction, ObservedFrame, SessionObserver
+from .observe import Opcode as ObservedOpcode
 from .transport import Transport
 from .zerocopy import SPLICE_AFTER, SPLICE_AVAILABLE, BurstEnd, binary_frame_header, splice_burst
 
@@ -67,6 +68,8 @@ NORMAL, GOING_AWAY, ABNORMAL = (
 )
 INTERNAL_ERROR, INVALID_DATA = CloseCode.INTERNAL_ERROR, CloseCode.INVALID_DATA
 DATA_OPCODES = (Opcode.BINARY, Opcode.TEXT, Opcode.CONT)
+# websockets' opcodes as observers see them: the observer API has no websockets type.
+OBSERVED_OPCODES = {opcode: ObservedOpcode(opcode.value) for opcode in Opcode}
 
 
 @dataclass
@@ -125,7 +128,7 @@ class Session:
         self.target = target
         self.config = config
         self.stats = stats
-        # Shown every frame; None once it has failed (see observer_failed).
+        # Shown every frame; None once it has failed (see _observer_failed).
         self.observer = observer
         # Told of the end even after a failure, so it can finish and release its recording.
         self._end_observer = observer
@@ -219,7 +222,7 @@ class Session:
         for frame in cast(list[Frame], protocol.events_received()):
             opcode = frame.opcode
             if self.observer is not None:
-                self._observe(Direction.UP, frame)
+                self._observe(Direction.UP, opcode, frame.data, frame.fin)
             if opcode not in DATA_OPCODES:
                 self._control_frame(frame)
                 continue
@@ -263,8 +266,8 @@ class Session:
         opcode = frame.opcode
         if opcode is Opcode.PONG:
             self._pong.set()
-        elif opcode is Opcode.PING and self.observer is not None:
-            self._observe(Direction.DOWN, Frame(Opcode.PONG, frame.data))
+        elif opcode is Opcode.PING:
+            self._observe(Direction.DOWN, Opcode.PONG, frame.data)
         elif opcode is Opcode.CLOSE and (rcvd := self.protocol.close_rcvd) is not None:
             self._record_end(rcvd.code, rcvd.reason, "client")
 
@@ -351,7 +354,7 @@ class Session:
         if not data or protocol.state is not OPEN:
             return 0
         if self.observer is not None:
-            self._observe(Direction.DOWN, Frame(Opcode.BINARY, data))
+            self._observe(Direction.DOWN, Opcode.BINARY, data)
         if protocol.extensions:
             protocol.send_binary(data)  # the extension (deflate) transforms the payload
             await self.channel.flush()
@@ -420,7 +423,7 @@ class Session:
             self._close_observed = True
             # An empty close frame (no code: 1005) must stay empty; serialize() refuses 1005.
             payload = b"" if sent.code == CloseCode.NO_STATUS_RCVD else sent.serialize()
-            self._observe(Direction.DOWN, Frame(Opcode.CLOSE, payload))
+            self._observe(Direction.DOWN, Opcode.CLOSE, payload)
 
     async def _close_after_error(self, code: int, reason: str) -> None:
         """After the relay tasks stopped on an error: send a close frame if one can still
@@ -460,17 +463,21 @@ class Session:
 
     # -- the observer ----------------------------------------------------------------------
 
-    def _observe(self, direction: Direction, frame: Frame) -> None:
-        """Show ``frame`` to the observer; callers check ``self.observer`` first, so an
-        unobserved session pays no call per frame."""
+    def _observe(self, direction: Direction, opcode: Opcode, data: Bytes, fin: bool = True) -> None:
+        """Show the observer a frame, as the project's :class:`ObservedFrame`. Callers on
+        the relay's path check ``self.observer`` first, so that an unobserved session
+        pays no call per frame."""
         observer = self.observer
-        if observer is not None:
-            try:
-                observer.on_frame(direction, frame)
-            except Exception:
-                self.observer_failed("on_frame")
+        if observer is None:
+            return
+        payload = data if type(data) is bytes else bytes(data)  # the observer may keep it
+        frame = ObservedFrame(OBSERVED_OPCODES[opcode], payload, fin)
+        try:
+            observer.on_frame(direction, frame)
+        except Exception:
+            self._observer_failed("on_frame")
 
-    def observer_failed(self, hook: str) -> None:
+    def _observer_failed(self, hook: str) -> None:
         """Detach the observer after its first exception, from inside ``except``.
 
         An observer (the recorder, an operator's plugin) is a side tap: its bug ends its
@@ -495,7 +502,7 @@ class Session:
             observer.on_end(stats.close_code, stats.close_reason, stats.closed_by)
         except Exception:
             if self.observer is not None:
-                self.observer_failed("on_end")
+                self._observer_failed("on_end")
             else:  # its first failure was logged with a traceback already
                 log.warning(
                     "session %s: the failed session observer also failed in on_end",
@@ -557,7 +564,7 @@ class Session:
         payload = secrets.token_bytes(4)
         protocol.send_ping(payload)
         if self.observer is not None:
-            self._observe(Direction.DOWN, Frame(Opcode.PING, payload))
+            self._observe(Direction.DOWN, Opcode.PING, payload)
         written = False
         with trio.move_on_after(interval):
             await self.channel.flush()

@@ -40,11 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from websockets.frames import Frame
 
 from .. import __version__
 from ..config import Config, ServiceConfig, StartupError
-from ..observe import Direction, SessionInfo
+from ..observe import Direction, ObservedFrame, SessionInfo
 from .buffer import Entry, EventBuffer
 from .format import FILE_SUFFIX, EndRecord, Kind, Meta, frame_flags
 from .writer import SessionWriter
@@ -158,12 +157,12 @@ class SessionRecorder:
     def _now_us(self) -> int:
         return (time.monotonic_ns() - self._t0) // 1000
 
-    def on_frame(self, direction: Direction, frame: Frame) -> None:
-        data = frame.data
-        if type(data) is not bytes:
-            data = bytes(data)  # the relay may reuse its buffer once we return
+    def on_frame(self, direction: Direction, frame: ObservedFrame) -> None:
         flags = frame_flags(direction, frame.fin)
-        if not self.buffer.put(int(frame.opcode), flags, self._now_us(), data) and not self._warned:
+        if (
+            not self.buffer.put(int(frame.opcode), flags, self._now_us(), frame.payload)
+            and not self._warned
+        ):
             # The first loss of a session is worth a line; the counts come at its end.
             self._warned = True
             log.warning(
