@@ -15,10 +15,13 @@ docs/performance.md). The relay breaks the rule here, and only here, under this 
   raise ``Cancelled``.
 - **Fairness bounds the rest.** A loop whose socket may always be ready must tick a
   :class:`Fairness` once per pass: it yields, a full checkpoint, after every 16 passes
-  that did not wait. :func:`recv` and :func:`drain_until_eof` tick theirs; the
-  writes do not, because in every relay loop a write follows a read that ticked and
-  finishes once its bytes are out. So a busy session runs at most 16 reads (and
-  their writes) between checkpoints, and other sessions and cancellation get their turn.
+  that did not wait. Passes must be small: :func:`recv` and :func:`drain_until_eof`
+  tick per read, the session's upstream per frame it parsed (one read may hold
+  thousands), the splice loop per chunk; deflating a chunk is not small, so the
+  session's compressed downstream yields after every one. Writes do not tick: each
+  follows a read or a frame that ticked, and ends once its bytes are out. So a busy
+  session does at most 16 small passes between checkpoints, and other sessions and
+  cancellation get their turn.
 - **Who relies on it.** What is built on these inherits the contract: the transports
   (:mod:`trio_bridge.transport`), the client's ordered writes
   (:mod:`trio_bridge.channel`), the session's relay loops (:mod:`trio_bridge.session`)
@@ -27,6 +30,9 @@ docs/performance.md). The relay breaks the rule here, and only here, under this 
 
 tests/test_checkpoints.py holds the relay to it: a session flooding either way leaves
 another session's round trips prompt, and a bridge cancelled mid-flood stops at once.
+(With a tick per read only, a client flooding tiny frames held another session's round
+trip for 12 s, and a deflated flood from the target kept 30 round trips from finishing
+in 15 s.)
 """
 
 from __future__ import annotations

@@ -187,6 +187,7 @@ class Session:
         (backpressure), and with compression parses ``INFLATE_SLICE`` bytes at a time."""
         protocol = self.protocol
         client = self.channel.transport
+        fairness = Fairness()  # per frame: one read may hold thousands
         try:
             while True:
                 try:
@@ -206,13 +207,13 @@ class Session:
                     pieces = (data,)
                 for piece in pieces:
                     protocol.receive_data(piece)
-                    if await self._relay_client_frames():
+                    if await self._relay_client_frames(fairness):
                         return
         except ClientGone as exc:
             self._record_end(ABNORMAL, f"client connection failed: {exc}", "client")
             self._abort()
 
-    async def _relay_client_frames(self) -> bool:
+    async def _relay_client_frames(self, fairness: Fairness) -> bool:
         """Act on the frames websockets parsed, then send what it queued (pongs, a close
         echo, a failure's close frame); True when that ends the session."""
         protocol = self.protocol
@@ -220,6 +221,7 @@ class Session:
         valid = True
         # After the handshake, websockets only emits frames.
         for frame in cast(list[Frame], protocol.events_received()):
+            await fairness.tick()
             opcode = frame.opcode
             if self.observer is not None:
                 self._observe(Direction.UP, opcode, frame.data, frame.fin)
@@ -358,6 +360,9 @@ class Session:
         if protocol.extensions:
             protocol.send_binary(data)  # the extension (deflate) transforms the payload
             await self.channel.flush()
+            # Deflating a chunk takes milliseconds: one Fairness tick per chunk would let
+            # the session hold the event loop for 16 of them.
+            await trio.lowlevel.checkpoint()
         elif not await self._send_binary_frame(data):
             return 0
         self.stats.bytes_down += len(data)
