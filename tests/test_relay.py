@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import random
 
@@ -10,9 +11,11 @@ import trio
 from websockets.trio.client import connect
 from websockets.typing import Subprotocol
 
+from trio_bridge import zerocopy
+from trio_bridge.pipes import PIPES, Pipe
 from trio_bridge.zerocopy import binary_frame_header
 
-from .conftest import BridgeStarter, RunningBridge, TcpTarget
+from .conftest import BridgeStarter, LogWaiter, RunningBridge, TcpTarget, check_echo
 
 
 async def test_binary_subprotocol_selected_and_echoed(bridge: RunningBridge) -> None:
@@ -74,3 +77,27 @@ def test_zero_copy_header_matches_websockets(length: int) -> None:
     header = binary_frame_header(length)
     assert reference[: len(header)] == header
     assert len(reference) == len(header) + length
+
+
+async def test_bulk_data_relays_framed_when_no_pipe_can_be_had(
+    start_bridge: BridgeStarter,
+    echo_target: TcpTarget,
+    bridge_log: LogWaiter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tries = 0
+
+    def no_pipe() -> Pipe:
+        nonlocal tries
+        tries += 1
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(PIPES, "take", no_pipe)
+    zerocopy._no_pipe_log.flush()  # forget an earlier test's report: it is rate-limited
+    running = await start_bridge(echo_target.address, zero_copy=True)
+    with trio.fail_after(10):
+        async with connect(running.url, max_size=None) as ws:
+            for _ in range(3):
+                await check_echo(ws, random.randbytes(1 << 20))
+        await bridge_log.wait_for("no pipe for splice", "Too many open files", "relaying framed")
+    assert tries > 0  # full reads did try to splice
