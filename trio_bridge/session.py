@@ -274,11 +274,9 @@ class Session:
             self._record_end(rcvd.code, rcvd.reason, "client")
 
     async def _end_after_client_error(self) -> None:
-        """The client broke the protocol, and websockets sent the close frame (1002, 1007,
-        1009) and EOF: end without waiting for a polite answer, but let the client read
-        ours before the socket closes (closing with unread input sends RST, which can
-        destroy it). Only ``_client_to_target``, the client's one reader, may drain it.
-        """
+        """websockets sent the close frame (1002, 1007, 1009) and EOF: end without waiting
+        for an answer, but let the client read ours (closing with unread input sends RST,
+        which can destroy it). Only the client's one reader, this task, may drain it."""
         protocol = self.protocol
         sent = protocol.close_sent
         code, reason = (sent.code, sent.reason) if sent else (ABNORMAL, "")
@@ -334,11 +332,10 @@ class Session:
         switches to splicing until the target has nothing more to give.
         """
         fairness = Fairness()
-        counted = self._count_down
-        while (n := await self._relay_framed_chunk()) != 0:
+        while n := await self._relay_framed_chunk():
             if n < SPLICE_AFTER:
                 continue
-            end = await splice_burst(source, self.channel, fairness, counted)
+            end = await splice_burst(source, self.channel, fairness, self._count_down)
             if end is BurstEnd.EOF:
                 self._target_closed()
             elif end is BurstEnd.RESET:
