@@ -394,3 +394,35 @@ async def test_session_end_log_line_has_client_target_bytes_duration_code(
     assert "close=1000" in message
     assert "done here" in message
     assert record.levelname == "INFO"
+
+
+async def test_the_ping_timer_keeps_no_ended_session_alive() -> None:
+    """The bridge's one ping timer holds sessions weakly: one that ended is freed at
+    once, not kept (with its buffers) until its next ping would have been due."""
+    import gc
+    import weakref
+
+    from trio_bridge.heartbeat import Heartbeats
+
+    class Pinged:
+        def __init__(self) -> None:
+            self.pinged = trio.Event()
+
+        def ping_due(self) -> None:
+            self.pinged.set()
+
+    heartbeats = Heartbeats()
+    kept, ended = Pinged(), Pinged()
+    gone = weakref.ref(ended)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeats.run)
+            now = trio.current_time()
+            heartbeats.schedule(ended, now + 0.05)
+            heartbeats.schedule(kept, now + 0.1)
+            del ended
+            gc.collect()
+            assert gone() is None
+            await kept.pinged.wait()
+            assert trio.current_time() >= now + 0.1
+            nursery.cancel_scope.cancel()

@@ -40,6 +40,7 @@ from .handshake import (
     receive_request,
     refusal_reason,
 )
+from .heartbeat import Heartbeats
 from .limits import AddressLimiter, Handshake, HandshakeBudget
 from .listeners import ACCEPT_RETRY, accept_forever
 from .logs import RateLimitedLog, escape
@@ -106,6 +107,7 @@ class Bridge:
         self.listen_addresses: list[str] = []
         limits = config.limits
         self._handshakes = HandshakeBudget(limits.max_handshakes, limits.handshake_timeout)
+        self._heartbeats = Heartbeats()
         self._lingering = 0
         self._refusals = RateLimitedLog(
             log, lambda key, n, s: f"{n} more connections refused ({key}) in the last {s:g} s"
@@ -176,6 +178,7 @@ class Bridge:
         try:
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
+                connections.start_soon(self._heartbeats.run)
                 connections.start_soon(self._accept_all, listeners, connections, accepting)
                 log.info(
                     "listening on %s, relaying to %s",
@@ -241,7 +244,10 @@ class Bridge:
         relay and log line as a connection from :meth:`serve`'s listeners.
         """
         sock.setblocking(False)
-        await self._handle(sock)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._heartbeats.run)
+            await self._handle(sock)
+            nursery.cancel_scope.cancel()
 
     async def _handle(self, sock: socket.socket) -> None:
         """One accepted connection, from admission to close: the fault boundary.
@@ -518,7 +524,7 @@ class Bridge:
             protocol.subprotocol,
         )
         observer = self._open_observer(stats, path, protocol.subprotocol)
-        session = Session(channel, target, self.config, stats, observer)
+        session = Session(channel, target, self.config, stats, observer, self._heartbeats)
         self.sessions.add(session)
         self.metrics.session_opened(stats)
         try:

@@ -42,6 +42,7 @@ from websockets.protocol import OPEN
 
 from .channel import ClientChannel, ClientGone
 from .config import Config, Limits
+from .heartbeat import Heartbeats
 from .netio import PEER_GONE, Bytes, Fairness
 from .observe import Direction, ObservedFrame, SessionObserver
 from .observe import Opcode as ObservedOpcode
@@ -122,7 +123,9 @@ class Session:
         config: Config,
         stats: SessionStats,
         observer: SessionObserver | None = None,
+        heartbeats: Heartbeats | None = None,
     ) -> None:
+        """``heartbeats``: the bridge's ping timer; without it no pings are sent."""
         self.channel = channel
         self.protocol = channel.protocol
         self.target = target
@@ -132,9 +135,12 @@ class Session:
         self.observer = observer
         # Told of the end even after a failure, so it can finish and release its recording.
         self._end_observer = observer
-        self._close_requested = trio.Event()
-        self._requested_close: tuple[int, str] = (NORMAL, "")
+        self._heartbeats = heartbeats if config.limits.heartbeat is not None else None
+        # The closing handshake and each ping run as tasks started when needed: an idle
+        # session costs its two relay tasks only (a task is ~4.5 KiB).
+        self._close_request: tuple[int, str] | None = None
         self._pong = trio.Event()
+        self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
         self._target_failed = False
         self._close_observed = False
@@ -159,25 +165,29 @@ class Session:
             self._observe_end()
 
     async def _relay(self, limits: Limits) -> None:
-        async with trio.open_nursery() as nursery:
-            self._scope = nursery.cancel_scope
-            nursery.start_soon(self._client_to_target)
-            nursery.start_soon(self._target_to_client)
-            nursery.start_soon(self._closer)
-            if limits.heartbeat is not None:
-                nursery.start_soon(self._keepalive, limits.heartbeat)
-            if limits.idle_timeout is not None:
-                nursery.start_soon(self._idle_watch, limits.idle_timeout)
-            if limits.session_timeout is not None:
-                nursery.start_soon(self._session_limit, limits.session_timeout)
-            if self.config.traffic:
-                nursery.start_soon(self._traffic_report)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery, self._scope = nursery, nursery.cancel_scope
+                nursery.start_soon(self._client_to_target)
+                nursery.start_soon(self._target_to_client)
+                if self._close_request is not None:  # asked for before the relay began
+                    nursery.start_soon(self._closer)
+                self._schedule_ping(first=True)
+                if limits.idle_timeout is not None:
+                    nursery.start_soon(self._idle_watch, limits.idle_timeout)
+                if limits.session_timeout is not None:
+                    nursery.start_soon(self._session_limit, limits.session_timeout)
+                if self.config.traffic:
+                    nursery.start_soon(self._traffic_report)
+        finally:
+            self._nursery = None  # closed to new tasks: a late close request or ping is moot
 
     def request_close(self, code: int, reason: str) -> None:
         """Start a server-side closing handshake; the first request wins."""
-        if not self._close_requested.is_set():
-            self._requested_close = (code, reason)
-            self._close_requested.set()
+        if self._close_request is None:
+            self._close_request = (code, reason)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._closer)
 
     # -- client -> target ------------------------------------------------------------
 
@@ -402,8 +412,8 @@ class Session:
     # -- closing ---------------------------------------------------------------------
 
     async def _closer(self) -> None:
-        await self._close_requested.wait()
-        code, reason = self._requested_close
+        assert self._close_request is not None
+        code, reason = self._close_request
         protocol = self.protocol
         if protocol.state is OPEN:
             protocol.send_close(code, fit_reason(reason))
@@ -513,22 +523,43 @@ class Session:
 
     # -- timers ------------------------------------------------------------------------
 
-    async def _keepalive(self, interval: float) -> None:
-        """Ping every ``interval``; no pong within ``interval`` of queueing the ping ends
-        the session.
+    def _schedule_ping(self, *, first: bool) -> None:
+        """Ask the bridge's timer for this session's next ping.
+
+        Jittered (90-100% of ``--heartbeat``, 50-100% before the first ping): sessions
+        opened together (a reconnect storm after a restart, a load test) would
+        otherwise ping together forever, thousands of pings and pongs in one burst that
+        delays every session's data (p99 685 ms in a 3,000-session soak).
+        """
+        interval = self.config.limits.heartbeat
+        if self._heartbeats is None or interval is None:
+            return
+        delay = interval * random.uniform(0.5 if first else 0.9, 1.0)
+        self._heartbeats.schedule(self, trio.current_time() + delay)
+
+    def ping_due(self) -> None:
+        """Called by the bridge's timer (:class:`~trio_bridge.heartbeat.Heartbeats`)."""
+        if self._nursery is not None and self.protocol.state is OPEN:
+            self._nursery.start_soon(self._keepalive)
+
+    async def _keepalive(self) -> None:
+        """Ping; no pong within ``--heartbeat`` of queueing the ping ends the session.
 
         The deadline covers writing the ping too: a client that stopped reading leaves
         the downstream relay blocked in a write, holding the write lock, so the ping
         would wait forever and the session with it. Such a peer is as dead as a silent one.
         """
+        interval = self.config.limits.heartbeat
+        assert interval is not None
         reason = f"keepalive: no pong within {interval:g} s"
         try:
-            outcome = await self._ping(interval, first=True)
-            while outcome == "pong":
-                outcome = await self._ping(interval, first=False)
+            outcome = await self._ping(interval)
         except ClientGone as exc:
             self._record_end(ABNORMAL, f"client connection failed: {exc}", "client")
             self._abort()
+            return
+        if outcome == "pong":
+            self._schedule_ping(first=False)
             return
         if outcome == "closing":
             return
@@ -547,18 +578,9 @@ class Session:
         # _client_to_target, the only reader, drains until the client's EOF.
         self._end_within_close_timeout()
 
-    async def _ping(
-        self, interval: float, *, first: bool
-    ) -> Literal["pong", "silent", "unwritten", "closing"]:
-        """Wait about ``interval``, then ping: did the pong come within ``interval``, or
-        was the ping not even written by then?
-
-        The wait is jittered (90-100% of the interval, 50-100% before the first ping):
-        sessions opened together (a reconnect storm after a restart, a load test) would
-        otherwise ping together forever, thousands of pings and pongs in one burst that
-        delays every session's data (p99 685 ms in a 3,000-session soak).
-        """
-        await trio.sleep(interval * random.uniform(0.5 if first else 0.9, 1.0))
+    async def _ping(self, interval: float) -> Literal["pong", "silent", "unwritten", "closing"]:
+        """Ping: did the pong come within ``interval``, or was the ping not even written
+        by then?"""
         protocol = self.protocol
         if protocol.state is not OPEN:
             return "closing"
