@@ -18,7 +18,7 @@ import trio
 
 from .addresses import Address, TcpAddress, UnixAddress
 from .errors import StartupError
-from .netio import Fairness
+from .netio import Fairness, accept
 
 BACKLOG = 4096  # the kernel caps this at net.core.somaxconn
 
@@ -49,11 +49,7 @@ async def accept_forever(
     fairness = Fairness()
     while True:
         try:
-            sock, _ = listener.accept()
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(listener)
-            fairness.waited()
-            continue
+            sock = await accept(listener, fairness)
         except OSError as exc:
             if exc.errno in OUT_OF_RESOURCES:
                 out_of_resources(exc)
@@ -66,7 +62,6 @@ async def accept_forever(
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         handle(sock)
-        await fairness.tick()
 
 
 class ListenError(StartupError):

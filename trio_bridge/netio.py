@@ -6,10 +6,11 @@ call, and a relay forwarding many small messages is then mostly scheduler (with 
 wake-up per wait, as here, Trio's scheduler is still a quarter of a round trip's CPU:
 docs/performance.md). The relay breaks the rule here, and only here, under this contract:
 
-- **Checkpoint-free.** :func:`recv`, :func:`send_all` and :func:`splice_all` try the
-  system call first and return without yielding when the kernel does not say
-  ``EAGAIN``; :class:`WriteTurn` takes a free lock without yielding. Sockets are
-  non-blocking, so none of them ever blocks the thread.
+- **Checkpoint-free.** :func:`recv`, :func:`send_all`, :func:`splice_all`,
+  :func:`accept` and :func:`sendfile` try the system call first and return without
+  yielding when the kernel does not say ``EAGAIN``; :class:`WriteTurn` takes a free
+  lock without yielding. Sockets are non-blocking, so none of them ever blocks the
+  thread.
 - **Every wait is a checkpoint.** They park only in ``trio.lowlevel.wait_readable`` /
   ``wait_writable`` or in a contended lock's ``acquire``, which let other tasks run and
   raise ``Cancelled``.
@@ -25,8 +26,9 @@ docs/performance.md). The relay breaks the rule here, and only here, under this 
 - **Who relies on it.** What is built on these inherits the contract: the transports
   (:mod:`trio_bridge.transport`), the client's ordered writes
   (:mod:`trio_bridge.channel`), the session's relay loops (:mod:`trio_bridge.session`)
-  and the splice loop (:mod:`trio_bridge.zerocopy`, one tick per chunk). The accept
-  loop and the file server's sendfile loop tick a :class:`Fairness` of their own.
+  and the splice loop (:mod:`trio_bridge.zerocopy`, one tick per chunk); the accept
+  loop (:mod:`trio_bridge.listeners`) and the file server (:mod:`trio_bridge.web`) tick
+  a :class:`Fairness` of their own through :func:`accept` and :func:`sendfile`.
 
 tests/test_checkpoints.py holds the relay to it: a session flooding either way leaves
 another session's round trips prompt, and a bridge cancelled mid-flood stops at once.
@@ -198,3 +200,36 @@ def peer_uid(sock: socket.socket) -> int | None:
     except OSError:
         return None
     return int(uid)
+
+
+async def accept(listener: socket.socket, fairness: Fairness) -> socket.socket:
+    """The next connection (still blocking: the caller sets it up); raises accept(2)'s
+    errors, which the caller sorts into retry or give up.
+
+    A burst of queued connections is taken with one wake-up, a tick per connection.
+    """
+    while True:
+        try:
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(listener)
+            fairness.waited()
+            continue
+        await fairness.tick()
+        return sock
+
+
+async def sendfile(
+    sock: socket.socket, fd: int, offset: int, count: int, fairness: Fairness
+) -> int:
+    """``os.sendfile`` on a non-blocking socket, waiting while it is full; the bytes
+    sent (0: the file ends before ``offset``)."""
+    while True:
+        try:
+            sent = os.sendfile(sock.fileno(), fd, offset, count)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            fairness.waited()
+            continue
+        await fairness.tick()
+        return sent

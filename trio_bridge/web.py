@@ -43,7 +43,7 @@ from websockets.http11 import Request, Response
 from .addresses import Address
 from .errors import ConfigError
 from .logs import escape
-from .netio import PEER_GONE, Fairness
+from .netio import PEER_GONE, Fairness, sendfile
 from .request_target import split_target
 from .routing import ClientInfo, HttpRefusal, HttpResponder, RequestGate
 from .transport import Transport
@@ -518,19 +518,14 @@ async def _sendfile(sock: socket.socket, body: FileBody, stall_timeout: float) -
     fairness = Fairness()
     while body.sent < body.size:
         count = min(body.size - body.sent, SENDFILE_CHUNK)
-        try:
-            sent = os.sendfile(sock.fileno(), body.fd, body.sent, count)
-        except BlockingIOError:
-            with trio.move_on_after(stall_timeout) as waiting:
-                await trio.lowlevel.wait_writable(sock)
-            if waiting.cancelled_caught:
-                return _stalled(stall_timeout)
-            fairness.waited()
-            continue
+        sent = 0
+        with trio.move_on_after(stall_timeout) as waiting:
+            sent = await sendfile(sock, body.fd, body.sent, count, fairness)
+        if waiting.cancelled_caught:
+            return _stalled(stall_timeout)
         if sent == 0:
             return _SHRANK
         body.sent += sent
-        await fairness.tick()
     return None
 
 
