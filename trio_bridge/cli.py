@@ -269,7 +269,8 @@ def _add_security_arguments(parser: argparse.ArgumentParser, defaults: Limits) -
         "--token-plugin",
         metavar="NAME",
         help="TokenFile, ReadOnlyTokenFile, TokenFileName, TokenRedis, JWTTokenApi, "
-        "UnixDomainSocketDirectory, or module.Class (docs/plugins.md); replaces the target",
+        "UnixDomainSocketDirectory, BaseTokenAPI, JSONTokenApi, or module.Class "
+        "(docs/plugins.md); replaces the target",
     )
     tokens.add_argument("--token-source", metavar="ARG", help="the plugin's file, directory, ...")
     tokens.add_argument(

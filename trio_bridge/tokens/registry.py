@@ -29,6 +29,8 @@ TOKEN_PLUGINS = {
     "TokenRedis": "trio_bridge.tokens.redis_store:RedisTokens",
     "JWTTokenApi": "trio_bridge.tokens.jwt_tokens:JwtTokens",
     "UnixDomainSocketDirectory": "trio_bridge.tokens.unixdir:UnixSocketDirectory",
+    "BaseTokenAPI": "trio_bridge.tokens.http_api:TokenApi",
+    "JSONTokenApi": "trio_bridge.tokens.http_api:JsonTokenApi",
 }
 TOKEN_SHORT_NAMES = {
     "file": "TokenFile",
@@ -37,6 +39,8 @@ TOKEN_SHORT_NAMES = {
     "redis": "TokenRedis",
     "jwt": "JWTTokenApi",
     "unix-directory": "UnixDomainSocketDirectory",
+    "api": "BaseTokenAPI",
+    "json-api": "JSONTokenApi",
 }
 EXTRAS = {"jwt": "jwt", "cryptography": "jwt", "hiredis": "redis"}
 

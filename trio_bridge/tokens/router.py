@@ -7,8 +7,10 @@ against ``--allow-target``. Every refusal happens before any connection attempt:
 - no token, a malformed one, or one the plugin does not know -> 404;
 - a token the plugin rejects (expired or badly signed JWT) -> 403;
 - a target outside ``--allow-target`` -> 403 (the target goes to the log only);
-- a target no connection can be made to (an invalid host name) -> 502;
-- a token store that cannot answer -> 503;
+- a target no connection can be made to (an invalid host name), or a token API
+  answer that names none -> 502;
+- a token store that cannot answer -> 503, logged once a minute per reason (then a
+  count): every client of a bridge whose store is down meets the same failure;
 - a plugin that fails or answers something other than a target (a plugin bug) -> 500.
 
 A token is a password for its target: no log line here holds one (tokens are logged
@@ -26,6 +28,7 @@ from websockets.http11 import Request
 from ..addresses import Address, TcpAddress, UnixAddress
 from ..config import Config
 from ..errors import ConfigError
+from ..logs import RateLimitedLog
 from ..request_target import redact, split_target
 from ..routing import HttpRefusal, StaticTarget, TargetResolver
 from .allow import TargetAllowlist
@@ -102,6 +105,11 @@ class TokenRouter:
         self.plugin = plugin
         self.token_from = token_from
         self.allow = allow or TargetAllowlist(())
+        self._store_log = RateLimitedLog(
+            log,
+            lambda key, n, s: f"{n} more token lookups failed ({key}) in the last {s:g} s",
+            level=logging.ERROR,
+        )
 
     def __str__(self) -> str:
         plugin = self.plugin
@@ -140,7 +148,8 @@ class TokenRouter:
         except HttpRefusal:
             raise
         except TokenStoreError as exc:
-            log.error("client %s: token lookup failed: %s", client, exc)
+            # Keyed by the store's message, which names no client and no token.
+            self._store_log.log(str(exc), "client %s: token lookup failed: %s", client, exc)
             raise _refuse(UNAVAILABLE, "Token store unavailable, try again later") from None
         except UnusableTarget as exc:
             log.error(
