@@ -20,6 +20,7 @@ from websockets.typing import Subprotocol
 
 from trio_bridge.config import Address, ConfigError, TcpAddress, TokenSettings, UnixAddress
 from trio_bridge.tokens import TargetAllowlist, load_token_plugin
+from trio_bridge.tokens.base import describe_token
 from trio_bridge.tokens.resp import RedisConnection
 
 from .conftest import (
@@ -248,6 +249,62 @@ async def test_jwt_with_a_public_key(
         forged = _hs256(claims, public_pem)
         await refused(running, f"/?token={forged}", 403, "Invalid token")
     assert echo_target.accepted == 1
+
+
+async def test_jwt_audience_and_issuer_are_required_when_configured(
+    start_bridge: BridgeStarter, echo_target: TcpTarget, tmp_path: Path, bridge_log: LogWaiter
+) -> None:
+    private = ec.generate_private_key(ec.SECP256R1())
+    key_file = tmp_path / "jwt.pem"
+    key_file.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    settings = TokenSettings(
+        "JWTTokenApi", str(key_file), jwt_audience="vnc-bridge", jwt_issuer="https://idp.test"
+    )
+    running = await start_bridge(None, tokens=settings)
+    target = {"host": echo_target.address.host, "port": echo_target.address.port}
+    right = {"aud": "vnc-bridge", "iss": "https://idp.test"}
+
+    def sign(**claims: object) -> str:
+        return jwt.encode({**target, **claims}, private, algorithm="ES256")
+
+    with trio.fail_after(10):
+        await relays(running, f"/?token={sign(**right)}")
+        await relays(running, f"/?token={sign(**right | {'aud': ['other', 'vnc-bridge']})}")
+        cases = [
+            (sign(iss=right["iss"]), "no 'aud' claim, which --jwt-audience requires"),
+            (sign(**right | {"aud": "other"}), "its 'aud' claim does not name the audience"),
+            (sign(aud=right["aud"]), "no 'iss' claim, which --jwt-issuer requires"),
+            (sign(**right | {"iss": "https://evil.test"}), "its 'iss' claim is not the issuer"),
+        ]
+        for token, reason in cases:
+            await refused(running, f"/?token={token}", 403, "Invalid token")
+            line = await bridge_log.wait_for("JWT", reason, logger="trio_bridge.tokens")
+            assert describe_token(token) in line.getMessage()
+            assert not [r for r in bridge_log.caplog.records if token in r.getMessage()]
+    assert echo_target.accepted == 2
+
+
+def test_jwt_claims_options_are_for_jwt_only(tmp_path: Path) -> None:
+    from trio_bridge.cli import build_parser, config_from_args
+
+    path = tmp_path / "tokens"
+    path.write_text("a: 127.0.0.1:5900\n")
+    with pytest.raises(ConfigError, match="only with --token-plugin JWTTokenApi"):
+        load_token_plugin("TokenFile", str(path), jwt_audience="vnc")
+    with pytest.raises(ConfigError, match="--jwt-issuer: empty"):
+        TokenSettings("jwt", "key.pem", jwt_issuer=" ")
+    parser = build_parser()
+    with pytest.raises(ConfigError, match="--jwt-audience needs --token-plugin"):
+        config_from_args(parser.parse_args(["--jwt-audience", "vnc", "6080", "h:1"]))
+    argv = ["--token-plugin", "jwt", "--token-source", "k.pem", "--jwt-audience", "vnc",
+            "--jwt-issuer", "https://idp.test", "6080"]  # fmt: skip
+    tokens = config_from_args(parser.parse_args(argv)).bridge.tokens
+    assert tokens is not None
+    assert (tokens.jwt_audience, tokens.jwt_issuer) == ("vnc", "https://idp.test")
 
 
 def _hs256(claims: dict[str, object], key: bytes) -> str:

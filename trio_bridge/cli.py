@@ -283,6 +283,12 @@ def _add_security_arguments(parser: argparse.ArgumentParser, defaults: Limits) -
         "--target-config", metavar="FILE", help="websockify's older spelling of TokenFile FILE"
     )
     tokens.add_argument(
+        "--jwt-audience", metavar="AUD", help="JWTTokenApi: tokens must carry this 'aud' claim"
+    )
+    tokens.add_argument(
+        "--jwt-issuer", metavar="ISS", help="JWTTokenApi: tokens must carry this 'iss' claim"
+    )
+    tokens.add_argument(
         "--allow-target",
         action="append",
         default=[],
@@ -355,6 +361,8 @@ def _security_fields(args: argparse.Namespace) -> dict[str, Any]:
         ("--token-source", args.token_source, args.token_plugin, "--token-plugin"),
         ("--host-token", args.host_token, args.token_plugin, "--token-plugin"),
         ("--token-from", args.token_from, args.token_plugin, "--token-plugin"),
+        ("--jwt-audience", args.jwt_audience, args.token_plugin, "--token-plugin JWTTokenApi"),
+        ("--jwt-issuer", args.jwt_issuer, args.token_plugin, "--token-plugin JWTTokenApi"),
         ("--auth-source", args.auth_source, args.auth_plugin, "--auth-plugin"),
     ):
         if value and not plugin:
@@ -382,6 +390,8 @@ def _security_fields(args: argparse.Namespace) -> dict[str, Any]:
             args.token_plugin,
             args.token_source,
             "host" if args.host_token else args.token_from or "query",
+            jwt_audience=args.jwt_audience,
+            jwt_issuer=args.jwt_issuer,
         )
         if args.token_plugin
         else None,

@@ -146,16 +146,26 @@ TOKEN_FROM = ("query", "path", "host")
 
 @dataclass(frozen=True)
 class TokenSettings:
-    """``--token-plugin``, ``--token-source`` and where the token is read from."""
+    """``--token-plugin``, ``--token-source`` and where the token is read from.
+
+    ``jwt_audience`` and ``jwt_issuer`` (JWTTokenApi only): the ``aud`` and ``iss``
+    claims every token must carry.
+    """
 
     plugin: str
     source: str | None = None
     token_from: str = "query"
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
 
     def __post_init__(self) -> None:
         if self.token_from not in TOKEN_FROM:
             choices = ", ".join(TOKEN_FROM)
             raise ConfigError(f"--token-from: {self.token_from!r} is not one of {choices}")
+        claims = (("--jwt-audience", self.jwt_audience), ("--jwt-issuer", self.jwt_issuer))
+        for flag, value in claims:
+            if value is not None and not value.strip():
+                raise ConfigError(f"{flag}: empty")
 
 
 @dataclass(frozen=True)

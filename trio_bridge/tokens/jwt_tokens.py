@@ -17,10 +17,12 @@ file is now a start-up error. Secrets must have at least 32 bytes (RFC 7518 3.2:
 shorter ones can be brute-forced offline, and whoever forges a token picks the target).
 
 Claims: ``host`` (string) and ``port`` (integer or digits); ``exp`` and ``nbf`` are
-honoured when present; a token with an ``aud`` claim is refused (it was minted for
-someone else). Which algorithms are accepted follows from the key type (or a JWK's
-``alg``), never from the token's header, which rules out algorithm confusion and
-``alg: none`` tokens.
+honoured when present. ``--jwt-audience`` and ``--jwt-issuer`` make ``aud`` and ``iss``
+required and checked (``aud`` may be a list that names the audience); without
+``--jwt-audience`` a token with an ``aud`` claim is refused (it was minted for someone
+else), without ``--jwt-issuer`` ``iss`` is not looked at. Which algorithms are
+accepted follows from the key type (or a JWK's ``alg``), never from the token's
+header, which rules out algorithm confusion and ``alg: none`` tokens.
 
 The library is PyJWT (its :class:`jwt.PyJWK` reads JWKs): typed, maintained, explicit
 about algorithms. websockify uses jwcrypto, which also decrypts JWE tokens; encrypted
@@ -44,7 +46,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from ..addresses import Address, TcpAddress
 from ..errors import ConfigError
 from ..routing import HttpRefusal
-from .base import require_source
+from .base import describe_token, require_source
 
 log = logging.getLogger("trio_bridge.tokens")
 
@@ -187,11 +189,32 @@ def _claimed_target(claims: dict[str, Any]) -> Address | None:
     return TcpAddress(host, port)
 
 
+def _claim_refusal(exc: jwt.InvalidTokenError, audience: str | None, issuer: str | None) -> str:
+    """Which claim failed, for the log: the expected value, never the token's."""
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        flag = {"aud": "--jwt-audience", "iss": "--jwt-issuer"}.get(exc.claim)
+        return f"no {exc.claim!r} claim" + (f", which {flag} requires" if flag else "")
+    if isinstance(exc, jwt.InvalidAudienceError):
+        if audience is None:
+            return "it has an 'aud' claim, and no --jwt-audience is set"
+        return f"its 'aud' claim does not name the audience {audience!r}"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return f"its 'iss' claim is not the issuer {issuer!r}"
+    return str(exc)
+
+
 class JwtTokens:
-    def __init__(self, source: str | None) -> None:
+    def __init__(
+        self, source: str | None, *, audience: str | None = None, issuer: str | None = None
+    ) -> None:
+        """``audience`` and ``issuer``: the ``aud`` and ``iss`` a token must carry
+        (``--jwt-audience``, ``--jwt-issuer``)."""
         source = require_source("JWTTokenApi", source, "KEY_FILE or hmac:SECRET_FILE")
         self.hmac = source.startswith(HMAC_PREFIX)
         self.source = Path(source.removeprefix(HMAC_PREFIX))
+        self.audience = audience
+        self.issuer = issuer
+        self.required = [claim for claim, value in (("aud", audience), ("iss", issuer)) if value]
         self.keys = self._load()
 
     def _load(self) -> Keys:
@@ -221,13 +244,21 @@ class JwtTokens:
     async def lookup(self, token: str) -> Address | None:
         try:
             key = self._key_for(token)
-            claims = jwt.decode(token, key.key, algorithms=key.algorithms)
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=key.algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"require": self.required},
+            )
         except jwt.ExpiredSignatureError:
             raise HttpRefusal(FORBIDDEN, "Token expired") from None
         except jwt.ImmatureSignatureError:
             raise HttpRefusal(FORBIDDEN, "Token not valid yet") from None
         except jwt.InvalidTokenError as exc:
-            log.info("JWT refused: %s", exc)
+            reason = _claim_refusal(exc, self.audience, self.issuer)
+            log.info("JWT %s refused: %s", describe_token(token), reason)
             raise HttpRefusal(FORBIDDEN, "Invalid token") from None
         target = _claimed_target(claims)
         if target is None:

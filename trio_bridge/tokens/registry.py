@@ -82,12 +82,14 @@ def load_plugin(
     short_names: Mapping[str, str],
     websockify_module: str,
     flag: str,
+    **options: str,
 ) -> Any:
-    """An instance of the plugin ``name`` made from ``source``, as websockify makes them;
-    any failure is a :class:`ConfigError` naming the flag and the plugin."""
+    """An instance of the plugin ``name`` made from ``source``, as websockify makes them
+    (built-in plugins may take keyword ``options`` too); any failure is a
+    :class:`ConfigError` naming the flag and the plugin."""
     cls = load_plugin_class(name, builtins, short_names, websockify_module, flag)
     try:
-        return cls(source)
+        return cls(source, **options)
     except ConfigError:
         raise
     except Exception as exc:
@@ -134,9 +136,30 @@ class BlockingTokenPlugin:
             reload()
 
 
-def load_token_plugin(name: str, source: str | None) -> TokenPlugin:
+def builtin_name(name: str) -> str | None:
+    """The websockify class name of the built-in token plugin ``name`` designates."""
+    base = name.removeprefix("websockify.token_plugins.")
+    base = TOKEN_SHORT_NAMES.get(base, base)
+    return base if base in TOKEN_PLUGINS else None
+
+
+def load_token_plugin(
+    name: str, source: str | None, *, jwt_audience: str | None = None, jwt_issuer: str | None = None
+) -> TokenPlugin:
+    """The token plugin ``name`` made from ``source``; ``jwt_audience`` and ``jwt_issuer``
+    are for JWTTokenApi only (--jwt-audience, --jwt-issuer)."""
+    claims = {"audience": jwt_audience, "issuer": jwt_issuer}
+    options = {key: value for key, value in claims.items() if value is not None}
+    if options and builtin_name(name) != "JWTTokenApi":
+        raise ConfigError("--jwt-audience and --jwt-issuer: only with --token-plugin JWTTokenApi")
     plugin = load_plugin(
-        name, source, TOKEN_PLUGINS, TOKEN_SHORT_NAMES, "websockify.token_plugins", "--token-plugin"
+        name,
+        source,
+        TOKEN_PLUGINS,
+        TOKEN_SHORT_NAMES,
+        "websockify.token_plugins",
+        "--token-plugin",
+        **options,
     )
     lookup = getattr(plugin, "lookup", None)
     if not callable(lookup):

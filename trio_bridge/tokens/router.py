@@ -187,8 +187,14 @@ def resolver_for(config: Config) -> TargetResolver | None:
     if config.target is not None and not allow.allows(config.target):
         raise ConfigError(f"target {config.target} is not allowed by any --allow-target pattern")
     if config.tokens is not None:
-        plugin = load_token_plugin(config.tokens.plugin, config.tokens.source)
-        return TokenRouter(plugin, config.tokens.token_from, allow)
+        tokens = config.tokens
+        plugin = load_token_plugin(
+            tokens.plugin,
+            tokens.source,
+            jwt_audience=tokens.jwt_audience,
+            jwt_issuer=tokens.jwt_issuer,
+        )
+        return TokenRouter(plugin, tokens.token_from, allow)
     if config.target is not None:
         return StaticTarget(config.target)
     return None
