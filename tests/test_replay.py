@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from websockets.exceptions import ConnectionClosed
 from websockets.trio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
@@ -14,7 +15,7 @@ from trio_bridge.pytest_plugin import StartBridge, StartReplay
 from trio_bridge.recording import GapRecord, Kind, load_recording
 from trio_bridge.recording.format import Meta
 from trio_bridge.recording.writer import RecordingFile
-from trio_bridge.replay import drive
+from trio_bridge.replay import StreamComparator, drive
 
 from .recording_support import (
     BIG,
@@ -88,9 +89,13 @@ async def test_serve_reports_a_client_message_that_differs(
         (report,) = await server.wait_reports(1)
     assert not report.ok and report.matched == 3
     (difference,) = report.differences
-    assert difference.index == 2
+    assert difference.index == 2 and difference.kind == "different"
     text = "\n".join(report.lines())
-    assert "client message #2" in text and "'hello text'" in text and "'hello TEXT'" in text
+    assert "@@ client->target message #2, byte 18, recorded at " in text
+    assert (
+        "  recorded text 10 B 'hello text'" in text and "  received text 10 B 'hello TEXT'" in text
+    )
+    assert "- 00000012  74 65 78 74" in text and "+ 00000012  54 45 58 54" in text
     assert text.endswith("DIFFERENT")
 
 
@@ -195,6 +200,55 @@ async def test_serve_in_lockstep_notes_a_client_that_closes_before_its_message(
     assert report.note == "the client closed the connection early"
 
 
+async def test_serve_in_lockstep_says_what_it_waits_for_and_gives_up_after_its_timeout(
+    tmp_path: Path, start_replay_server: StartReplay
+) -> None:
+    path = questions_recording(tmp_path / "q.tbrec")
+    waits: list[tuple[str, str]] = []
+    server = await start_replay_server(
+        path, lockstep=True, delay=False, lockstep_timeout=1.5, on_wait=lambda *w: waits.append(w)
+    )
+    with trio.fail_after(10):
+        async with connect(server.url) as ws:
+            await ws.send("q1")
+            assert await ws.recv() == b"answer"
+            # q2 is never sent: after 1 s the server says so; after 1.5 s it plays on.
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+        (report,) = await server.wait_reports(1)
+    ((client, waiting),) = waits
+    assert client == report.client
+    assert waiting == "lockstep: waiting for client message #2 (recorded at 0.003 s): text 2 B 'q2'"
+    assert report.notes[-1] == (
+        "lockstep: client message #2 (recorded at 0.003 s) did not come within 1.5 s; "
+        "the rest was played without waiting"
+    )
+    assert report.notes[0].startswith("the recording has a gap at 0.003 s (1 frames lost: test)")
+    assert "note: the recording has a gap" in "\n".join(report.lines())
+
+
+async def test_serve_plays_an_unfinished_recording_to_its_end_and_awaits_the_last_reply(
+    tmp_path: Path, start_replay_server: StartReplay
+) -> None:
+    """A recording that stops mid-session (no close): the server's last message goes out
+    and the client's recorded reply to it is still compared, then the server closes."""
+    path = write_recording(
+        tmp_path / "unfinished.tbrec",
+        [(Kind.BINARY, DOWN, 1_000, b"question"), (Kind.BINARY, UP, 2_000, b"reply")],
+    )
+    server = await start_replay_server(path, delay=False)
+    with trio.fail_after(10):
+        async with connect(server.url) as ws:
+            assert await ws.recv() == b"question"
+            await ws.send(b"reply")
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1000
+        (report,) = await server.wait_reports(1)
+    assert report.ok, report.lines()
+    assert report.matched == report.expected_messages == 1
+
+
 # -- drive -----------------------------------------------------------------------------------
 
 
@@ -222,17 +276,73 @@ async def test_drive_reports_where_a_changed_target_diverges(
     changed = await start_tcp_target(
         nursery, scripted_target(greeting=b"RFB 003.007\n", transform=corrupt)
     )
+    comparator = StreamComparator()
     with trio.fail_after(20):
-        report = await drive(recording, target=changed, delay=False, timeout=2)
+        report = await drive(recording, target=changed, delay=False, timeout=2, compare=comparator)
     assert not report.ok
-    first, second = report.divergences
-    assert first.offset == 10 and first.expected.startswith(b"8\n") and first.got.startswith(b"7\n")
+    first, second = comparator.found
+    assert first.byte == 10 and first.expected.startswith(b"8\n") and first.got.startswith(b"7\n")
     frag2 = len(GREETING * 2 + b"hello text" + b"frag1-")
-    assert second.offset == frag2 and second.got.startswith(b"FRAG2")
+    assert second.byte == frag2 and second.got.startswith(b"FRAG2")
+    assert (first.index, second.index) == (1, 5)
     lines = report.lines()
-    assert "@@ target->client byte 10 (recorded at" in lines[2]
-    assert lines[3].startswith("- 0000000a  38 0a") and lines[4].startswith("+ 0000000a  37 0a")
+    assert lines[2].startswith("@@ target->client message #1, byte 10, recorded at 0.0")
+    assert lines[2].endswith(": different (1 recorded, 1 received) @@")
+    assert lines[3:5] == [
+        "  recorded binary 12 B 'RFB 003.008\\n'",
+        "  received binary 12 B 'RFB 003.007\\n'",
+    ]
+    assert lines[5].startswith("- 0000000a  38 0a") and lines[6].startswith("+ 0000000a  37 0a")
     assert lines[-1].startswith("result: DIFFERENT")
+
+
+@pytest.mark.parametrize(
+    "old, new, kind",
+    [
+        (b"hello text", b"hello text" + b"INSERTED BY THE SERVER", "extra"),
+        (b"frag2-", b"", "missing"),
+    ],
+)
+async def test_drive_resynchronises_after_an_inserted_or_missing_message(
+    nursery: trio.Nursery, recording: Path, old: bytes, new: bytes, kind: str
+) -> None:
+    """One divergence, reported once: what follows it is aligned again (by offsets, every
+    later byte would have been "shifted")."""
+    changed = await start_tcp_target(
+        nursery, scripted_target(transform=lambda c: c.replace(old, new))
+    )
+    comparator = StreamComparator()
+    with trio.fail_after(20):
+        report = await drive(recording, target=changed, delay=False, timeout=1, compare=comparator)
+    (divergence,) = comparator.found
+    assert divergence.kind == kind, report.lines()
+    assert (divergence.expected or divergence.got).startswith(
+        old if kind == "missing" else new[len(old) :]
+    )
+    assert comparator.matched == len(comparator.expected) - (kind == "missing")
+    assert len(report.findings) == 1
+    # A missing answer is waited for (once: later messages are sent without waiting).
+    assert len(report.stalls) == (kind == "missing")
+
+
+async def test_drive_ignores_how_the_server_cuts_its_bytes(
+    nursery: trio.Nursery, recording: Path
+) -> None:
+    async def dribble(stream: trio.SocketStream) -> None:
+        """The scripted target, its answers sent in pieces of 7 bytes."""
+        try:
+            await stream.send_all(GREETING[:5])
+            await stream.send_all(GREETING[5:])
+            async for chunk in stream:
+                for i in range(0, len(chunk), 7):
+                    await stream.send_all(bytes(chunk[i : i + 7]))
+        except trio.BrokenResourceError:
+            pass
+
+    target = await start_tcp_target(nursery, dribble)
+    with trio.fail_after(20):
+        report = await drive(recording, target=target, delay=False, timeout=2)
+    assert report.ok, "\n".join(report.lines())
 
 
 async def test_drive_reports_a_server_that_stops_early(
@@ -243,13 +353,16 @@ async def test_drive_reports_a_server_that_stops_early(
         await stream.receive_some(100)
 
     early = await start_tcp_target(nursery, hang_up_after_greeting)
+    comparator = StreamComparator()
     with trio.fail_after(20):
-        report = await drive(recording, target=early, delay=False, timeout=2)
+        report = await drive(recording, target=early, delay=False, timeout=2, compare=comparator)
     assert not report.ok
     assert report.received_bytes == len(GREETING)
-    assert report.missing_bytes == report.expected_bytes - len(GREETING)
+    (missing,) = comparator.found
+    assert missing.kind == "missing" and missing.index == 2 and missing.byte == len(GREETING)
+    assert missing.expected_count == len(comparator.expected) - 1
     text = "\n".join(report.lines())
-    assert f"the server sent {report.missing_bytes} bytes fewer than the recording" in text
+    assert f"byte {len(GREETING)}, recorded at" in text and "+ (nothing)" in text
 
 
 async def test_drive_through_websocket_matches_serve_of_the_same_recording(
@@ -271,8 +384,16 @@ async def test_drive_reports_a_server_that_stalls_and_closes_with_another_code(
     other = questions_recording(tmp_path / "other.tbrec", answer=b"", close=4002)
     server = await start_replay_server(other, lockstep=True, delay=False)
     with trio.fail_after(10):
-        report = await drive(questions_recording(tmp_path / "q.tbrec"), url=server.url, timeout=0.5)
-    assert not report.ok and report.missing_bytes == len(b"answer")
+        comparator = StreamComparator()
+        report = await drive(
+            questions_recording(tmp_path / "q.tbrec"),
+            url=server.url,
+            timeout=0.5,
+            compare=comparator,
+        )
+    assert not report.ok
+    (missing,) = comparator.found
+    assert missing.kind == "missing" and missing.expected == b"answer"
     assert report.close_problem == "recorded close 4001 'bye', got close 4002 'bye'"
     (stall,) = report.stalls
     assert stall.startswith("before the client message at 0.003 s: waited 0.5 s for the")

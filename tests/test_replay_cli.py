@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import codecs
 import errno
+import fcntl
 import os
 import re
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -21,10 +25,12 @@ from websockets.typing import Subprotocol
 
 from trio_bridge.observe import Direction
 from trio_bridge.pytest_plugin import StartBridge
-from trio_bridge.recording import load_recording
-from trio_bridge.recording.format import HEADER_SIZE
+from trio_bridge.recording import EndRecord, GapRecord, Kind, load_recording
+from trio_bridge.recording.format import HEADER_SIZE, Meta
+from trio_bridge.recording.writer import RecordingFile
 from trio_bridge.replay.cli import main
 from trio_bridge.replay.messages import recorded_messages
+from trio_bridge.replay.progress import Progress
 
 from .recording_support import (
     BIG,
@@ -119,7 +125,7 @@ async def test_export_writes_websockifys_format(
     recording: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "session.js"
-    args = ["export", "--format", "websockify", str(recording), "-o", str(out)]
+    args = ["export", str(recording), "-o", str(out)]  # websockify, the only format
     status, _, err = replay(capsys, *args)
     assert status == 0, err
     lines = read_lines(out)
@@ -170,9 +176,11 @@ async def test_drive_exits_0_when_the_server_matches_and_1_when_not(
     assert ok.returncode == 0, ok.stdout
     assert ok.stdout.decode().splitlines()[-1].startswith("result: same as the recording")
     assert bad.returncode == 1
-    assert "@@ target->client byte 10 " in bad.stdout.decode()
-    assert down.returncode == 2
-    assert down.stderr.decode().startswith("trio-bridge-replay: cannot connect to 127.0.0.1:9")
+    assert "@@ target->client message #1, byte 10, " in bad.stdout.decode()
+    # As documented: one line on stderr, nothing on stdout.
+    assert down.returncode == 2 and down.stdout == b""
+    (line,) = down.stderr.decode().splitlines()
+    assert line.startswith("trio-bridge-replay: cannot connect to 127.0.0.1:9")
 
 
 async def test_serve_once_replays_to_one_client_and_reports(recording: Path) -> None:
@@ -197,8 +205,35 @@ async def test_serve_once_replays_to_one_client_and_reports(recording: Path) -> 
         if process.returncode is None:
             process.kill()
     report = rest.decode()
-    assert "client message #1 at" in report and "got      binary 26 B 'not what the" in report
+    assert "@@ client->target message #1, byte 0, recorded at" in report
+    assert "  received binary 26 B 'not what the" in report
     assert report.splitlines()[-1].endswith(": DIFFERENT")
+
+
+async def test_serve_once_is_not_used_up_by_a_probe(recording: Path) -> None:
+    """A connection that never completes the WebSocket handshake (a port probe, a plain
+    HTTP request) is not the one client --once serves."""
+    args = ["serve", str(recording), "--listen", "127.0.0.1:0", "--once", "--no-delay"]
+    with trio.fail_after(20):
+        async with replaying(*args) as replay_process:
+            await serve_once_after_probes(replay_process)
+
+
+async def serve_once_after_probes(replay_process: Replaying) -> None:
+    banner = await replay_process.read_until(b"\n")
+    match = re.search(rb"on (ws://127\.0\.0\.1:(\d+)/)", banner)
+    assert match, banner
+    url, port = match.group(1).decode(), int(match.group(2))
+    probe = await trio.open_tcp_stream("127.0.0.1", port)
+    await probe.aclose()  # connected, said nothing
+    plain = await trio.open_tcp_stream("127.0.0.1", port)
+    await plain.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await plain.receive_some(100)).startswith(b"HTTP/1.1 4")
+    await plain.aclose()
+    async with connect(url, subprotocols=[Subprotocol("binary")]) as ws:
+        assert await ws.recv() == GREETING
+    # It served that client (which sent nothing: DIFFERENT), then exited.
+    assert await replay_process.process.wait() == 1
 
 
 # -- Ctrl-C ------------------------------------------------------------------------------------
@@ -325,3 +360,73 @@ async def _open_writer_once_read(fifo: Path) -> int:
             if exc.errno != errno.ENXIO:
                 raise
         await trio.sleep(0.01)
+
+
+# -- gaps and the progress line ------------------------------------------------------------------
+
+
+def gap_recording(path: Path) -> Path:
+    """A complete recording (END record) with a gap in the middle."""
+    gap = GapRecord(2_500, 2_500, 0, 0, 1, 3, "test").encode()
+    end = EndRecord(5_000, 1000, "", "client").encode()
+    file = RecordingFile(path)
+    file.append([(Kind.META, 0, 0, Meta("7157ed00", "c:1", "t:2", "/", None, 0.0).encode())])
+    file.append(
+        [
+            (Kind.BINARY, 0x03, 1_000, b"before"),
+            (Kind.GAP, 0, 2_500, gap),
+            (Kind.BINARY, 0x03, 3_000, b"after"),
+            (Kind.END, 0, 5_000, end),
+        ]
+    )
+    file.close(sync=False)
+    return path
+
+
+def test_gaps_are_reported_and_show_strict_fails_on_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = gap_recording(tmp_path / "gap.tbrec")
+    status, out, err = replay(capsys, str(path))
+    assert status == 0 and "gaps: 1, 1 frames (3 bytes) were not recorded" in out, out + err
+    status, out, err = replay(capsys, "show", "--strict", str(path))
+    assert status == 1
+    assert (
+        err
+        == f"trio-bridge-replay: {path}: the recording has 1 gap (frames were lost) (--strict)\n"
+    )
+    status, _, err = replay(capsys, "export", str(path), "-o", str(tmp_path / "gap.js"))
+    assert status == 0
+    assert f"trio-bridge-replay: {path}: note: the recording has a gap at 0.003 s" in err
+
+
+def test_the_progress_line_fits_an_80_column_terminal() -> None:
+    """Each redraw stays on one row: a line of 80 characters or more wraps, and the
+    next carriage return redraws only the last row, leaving stale lines behind."""
+    main_fd, terminal_fd = os.openpty()
+    fcntl.ioctl(terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    with os.fdopen(terminal_fd, "w") as terminal:
+        long_name = "recordings/" + "20261207T105736.132798Z_9ae6d336_127.0.0.1-56092" * 3
+        progress = Progress(f"driving {long_name}.tbrec", 1000, terminal)
+        assert progress.enabled
+        for done in range(0, 1001, 250):
+            progress._last = 0.0  # every update redraws (ten a second otherwise)
+            progress.update(done, f"{done / 100:.1f} s played")
+        progress.finish()
+    output = b""
+    while chunk := _read_pty(main_fd):
+        output += chunk
+    os.close(main_fd)
+    redraws = [r for r in output.decode().split("\r") if r.strip("\x1b[K\n")]
+    assert len(redraws) == 5, redraws
+    for line in redraws:
+        visible = line.replace("\x1b[K", "")
+        assert len(visible) <= 79 and "\n" not in visible, visible
+    assert redraws[-1].startswith("100.0 %  10.0 s played  driving recordings/")
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536) if select.select([fd], [], [], 0)[0] else b""
+    except OSError:  # EIO: the terminal side is closed and drained
+        return b""

@@ -10,19 +10,26 @@ Public API (the command line is built on it)::
     assert report.ok, "\\n".join(report.lines())
 """
 
-from .drive import Divergence, DriveReport, drive
+from .compare import Comparator, Divergence, Finding, StreamComparator
+from .drive import DriveReport, drive, make_comparator
 from .export import export_websockify
-from .serve import Difference, ReplayServer, ServeReport
+from .messages import Message
+from .serve import PlaybackControl, ReplayServer, ServeReport
 from .timeline import PayloadView, print_timeline
 
 __all__ = [
-    "Difference",
+    "Comparator",
     "Divergence",
     "DriveReport",
+    "Finding",
+    "Message",
     "PayloadView",
+    "PlaybackControl",
     "ReplayServer",
     "ServeReport",
+    "StreamComparator",
     "drive",
     "export_websockify",
+    "make_comparator",
     "print_timeline",
 ]

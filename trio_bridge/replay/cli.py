@@ -1,10 +1,11 @@
 """The ``trio-bridge-replay`` command line (docs/replay.md).
 
-    trio-bridge-replay [show] FILE [--full | --no-payload] [--filter up|down]
+    trio-bridge-replay [show] FILE [--full | --no-payload] [--filter up|down] [--strict]
     trio-bridge-replay serve FILE [--listen [HOST:]PORT] [--speed X] [--no-delay]
-                             [--lockstep] [--once]
-    trio-bridge-replay drive FILE (--target HOST:PORT | --url ws://...) [--speed X] [--no-delay]
-    trio-bridge-replay export --format websockify FILE [-o OUT]
+                             [--lockstep [--lockstep-timeout S]] [--once] [--web DIR]
+    trio-bridge-replay drive FILE (--target HOST:PORT | --url ws://...) [--speed X]
+                             [--no-delay] [--timeout S] [--compare MODE] [--images DIR]
+    trio-bridge-replay export [--format websockify] FILE [-o OUT]
 
 Exit status, as diff(1): 0 the recording reads completely / the live side matched;
 1 it did not (file cut or damaged, client or server different); 2 trouble (usage, a
@@ -29,19 +30,22 @@ from .. import __version__
 from ..arguments import OneLineParser, positive_number
 from ..config import ConfigError, TcpAddress, parse_host_port
 from ..observe import Direction
-from ..recording import RecordingError, open_recording
-from .drive import DriveReport, drive
+from ..recording import GapRecord, RecordingError, open_recording
+from .drive import DriveReport, drive, make_comparator
 from .export import export_websockify
+from .messages import describe_gap
 from .progress import Progress
 from .serve import ReplayServer, ServeReport
-from .timeline import PayloadView, print_timeline
+from .timeline import PayloadView, Summary, print_timeline
 
 PROG = "trio-bridge-replay"
 USAGE = """
-  %(prog)s [show] FILE [--full | --no-payload] [--filter up|down]
+  %(prog)s [show] FILE [--full | --no-payload] [--filter up|down] [--strict]
   %(prog)s serve FILE [--listen [HOST:]PORT] [--speed X] [--no-delay] [--lockstep] [--once]
+        [--lockstep-timeout S] [--web DIR]
   %(prog)s drive FILE (--target HOST:PORT | --url ws://...) [--speed X] [--no-delay]
-  %(prog)s export --format websockify FILE [-o OUT]"""
+        [--timeout S] [--compare bytes|messages|lengths|none|rfb|MODULE:NAME] [--images DIR]
+  %(prog)s export [--format websockify] FILE [-o OUT]"""
 COMMANDS = ("show", "serve", "drive", "export")
 SAME, DIFFERENT, TROUBLE = 0, 1, 2
 INTERRUPTED = 130  # 128 + SIGINT
@@ -75,6 +79,9 @@ def build_parser() -> OneLineParser:
     show.add_argument(
         "--filter", choices=["up", "down"], help="only frames client->target (up) or back (down)"
     )
+    show.add_argument(
+        "--strict", action="store_true", help="exit 1 when the recording has gaps (lost frames)"
+    )
 
     def pacing(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
@@ -96,7 +103,16 @@ def build_parser() -> OneLineParser:
         help="wait for each recorded client message before moving on",
     )
     serve.add_argument(
-        "--once", action="store_true", help="serve one client, exit 0 if it matched, 1 if not"
+        "--lockstep-timeout",
+        type=_speed,
+        default=30.0,
+        metavar="S",
+        help="longest lockstep wait for a client message, then play on (default 30)",
+    )
+    serve.add_argument(
+        "--once",
+        action="store_true",
+        help="serve one client (a completed handshake), exit 0 if it matched, 1 if not",
     )
 
     drive_cmd = commands.add_parser(
@@ -114,12 +130,26 @@ def build_parser() -> OneLineParser:
         metavar="S",
         help="longest wait for the server's answer or close (default 10)",
     )
+    drive_cmd.add_argument(
+        "--compare",
+        default="bytes",
+        metavar="MODE",
+        help="bytes (default), messages, lengths, none, rfb (VNC screens), or MODULE:NAME",
+    )
+    drive_cmd.add_argument(
+        "--images",
+        type=Path,
+        metavar="DIR",
+        help="rfb: write expected/actual/diff PNG images of differing screens to DIR",
+    )
 
     export = commands.add_parser(
         "export", prog=f"{PROG} export", help="convert to another recording format"
     )
     export.add_argument("file", type=Path, metavar="FILE", help=FILE_HELP)
-    export.add_argument("--format", choices=["websockify"], required=True)
+    export.add_argument(
+        "--format", choices=["websockify"], default="websockify", help="the only one, the default"
+    )
     export.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
     return parser
 
@@ -184,30 +214,48 @@ def cmd_show(args: argparse.Namespace) -> int:
     # The timeline itself shows progress on a terminal; a bar only helps when it goes elsewhere.
     progress = Progress(f"reading {args.file}", _file_size(args.file))
     progress.enabled = progress.enabled and not sys.stdout.isatty()
+    summary = Summary()
     with open_recording(args.file) as reader:
         try:
             status = print_timeline(
-                reader, sys.stdout, view=view, only=only, on_progress=progress.update
+                reader,
+                sys.stdout,
+                view=view,
+                only=only,
+                on_progress=progress.update,
+                summary=summary,
             )
         finally:
             progress.finish()
     if not status.complete:
         print(f"{PROG}: {args.file}: {status.describe()}", file=sys.stderr)
         return DIFFERENT
+    if args.strict and summary.gaps:
+        print(f"{PROG}: {args.file}: {_gaps(summary.gaps)} (--strict)", file=sys.stderr)
+        return DIFFERENT
     return SAME
+
+
+def _gaps(count: int) -> str:
+    return f"the recording has {count} gap{'s' if count != 1 else ''} (frames were lost)"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     progress = Progress(f"exporting {args.file}", _file_size(args.file))
+    gaps: list[GapRecord] = []
     with open_recording(args.file) as reader:
         out: TextIO
         with _Output(args.output) as out:
             try:
-                count = export_websockify(reader, out, on_progress=progress.update)
+                count = export_websockify(
+                    reader, out, on_progress=progress.update, on_gap=gaps.append
+                )
             finally:
                 progress.finish()
     assert reader.status is not None
     print(f"{PROG}: exported {count} messages", file=sys.stderr)
+    for gap in gaps:
+        print(f"{PROG}: {args.file}: note: {describe_gap(gap)}", file=sys.stderr)
     if not reader.status.complete:
         print(f"{PROG}: {args.file}: {reader.status.describe()}", file=sys.stderr)
         return DIFFERENT
@@ -257,11 +305,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for line in result.lines():
             print(line, flush=True)
 
+    def waiting(client: str, what: str) -> None:
+        progress.finish()
+        print(f"{PROG}: client {client}: {what}", file=sys.stderr, flush=True)
+
     server = ReplayServer(
         args.file,
         speed=args.speed,
         delay=not args.no_delay,
         lockstep=args.lockstep,
+        lockstep_timeout=args.lockstep_timeout,
+        on_wait=waiting,
         on_report=report,
         on_progress=lambda client, position, seconds: progress.update(
             position, f"{client}, {seconds:.1f} s"
@@ -294,6 +348,14 @@ def cmd_drive(args: argparse.Namespace) -> int:
             target = parse_host_port(args.target, "--target")
         except ConfigError as exc:
             raise Trouble(str(exc)) from None
+    try:
+        comparator = make_comparator(args.compare)
+    except (ValueError, ImportError, AttributeError) as exc:
+        raise Trouble(f"--compare: {exc}") from None
+    if args.images is not None:
+        if not hasattr(comparator, "images"):
+            raise Trouble("--images needs --compare rfb")
+        comparator.images = args.images
     progress = Progress(f"driving {args.file}", _file_size(args.file))
     try:
         report: DriveReport = run_interruptible(
@@ -304,15 +366,16 @@ def cmd_drive(args: argparse.Namespace) -> int:
                 speed=args.speed,
                 delay=not args.no_delay,
                 timeout=args.timeout,
+                compare=comparator,
                 on_progress=_progress_callback(progress),
             )
         )
     finally:
         progress.finish()
+    if report.error:  # one line on stderr, nothing on stdout
+        raise Trouble(report.error)
     for line in report.lines():
         print(line)
-    if report.error:
-        raise Trouble(report.error)
     return SAME if report.ok else DIFFERENT
 
 

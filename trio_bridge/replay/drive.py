@@ -7,20 +7,22 @@ Two ways in:
 - ``url`` (ws://...): through a WebSocket server (a bridge, or the real thing); the
   recorded client frames are sent as frames (same kinds, same fragmentation).
 
-Either way the server's answer is compared with the recorded target->client data as one
-byte stream: TCP keeps no message boundaries and a bridge cuts its frames wherever its
-reads happened to end, so boundaries are not the server's behaviour, bytes are.
+What the server sends is handed to a comparator (replay/compare.py, replay/rfb.py),
+which aligns it with what the recorded server sent, as diff(1) aligns lines, and
+reports each divergence once.
 
-Pacing: before each recorded client message, the driver waits until the server has
-sent at least as much as the recorded client had seen at that moment (the recording's
-causality), then keeps the recorded time since the previous sync point unless
+Pacing: before each recorded client message, the driver waits until the comparator
+says the server has caught up with the recording at that moment (by default: sent as
+many bytes as the recorded client had received; for RFB: reached the same protocol
+step), then keeps the recorded time since the previous sync point unless
 ``delay=False``. The session then ends the way the recorded one did.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,140 +36,50 @@ from websockets.typing import Subprotocol
 from ..config import TcpAddress
 from ..observe import Direction
 from ..recording import FrameRecord, GapRecord, Kind, open_recording
-from .preview import hexdump
+from .compare import STREAM_MODES, Comparator, Finding, StreamComparator
+from .messages import Message, MessageAssembler, describe_gap
 from .wsio import FrameSender, close_payload
 
 log = logging.getLogger("trio_bridge.replay")
 
-MAX_DIVERGENCES = 5
-CONTEXT = 16
 
+def make_comparator(compare: str | Comparator) -> Comparator:
+    """A comparator by name (``bytes``, ``messages``, ``lengths``, ``none``, ``rfb``), or
+    ``MODULE:NAME``, a callable in an importable module that returns one; an object is
+    returned as it is."""
+    if not isinstance(compare, str):
+        return compare
+    if compare in STREAM_MODES:
+        return StreamComparator(compare)
+    if compare == "rfb":
+        from .rfb import RfbComparator
 
-@dataclass(frozen=True)
-class Divergence:
-    """Where the received stream first differs from the recorded one, in a run of bytes."""
-
-    offset: int  # byte offset in the target->client stream
-    expected: bytes
-    got: bytes
-    recorded_at_us: int  # time of the recorded frame holding the expected byte
-    record_offset: int  # file offset of that frame's record
-
-    def lines(self) -> list[str]:
-        where = (
-            f"@@ target->client byte {self.offset} (recorded at "
-            f"{self.recorded_at_us / 1e6:.3f} s, record at file offset {self.record_offset}) @@"
+        return RfbComparator()
+    module_name, _, name = compare.partition(":")
+    if not name:
+        raise ValueError(
+            f"unknown comparator {compare!r}: use one of {', '.join(COMPARATOR_NAMES)} "
+            "or MODULE:NAME"
         )
-        lines = [where]
-        lines += hexdump(self.expected, self.offset, "- ")
-        lines += hexdump(self.got, self.offset, "+ ") if self.got else ["+ (nothing)"]
-        return lines
+    factory = getattr(importlib.import_module(module_name), name)
+    comparator: Comparator = factory()
+    return comparator
 
 
-class StreamComparison:
-    """Compares received bytes, as they arrive, with a recording's target->client data."""
-
-    def __init__(self, expected: Iterator[FrameRecord]) -> None:
-        self._expected = expected
-        self._current: FrameRecord | None = None
-        self._position = 0  # within the current frame's payload
-        self.compared = 0  # bytes received and compared so far
-        self.divergences: list[Divergence] = []
-        self.more_divergences = False
-        self.extra = b""  # the first bytes received beyond the recording
-        self.extra_count = 0
-        self._in_divergence = False
-        self._received = trio.Event()
-
-    def _next_expected(self) -> FrameRecord | None:
-        while self._current is None or self._position >= len(self._current.payload):
-            self._current = next(self._expected, None)
-            self._position = 0
-            if self._current is None:
-                return None
-        return self._current
-
-    def feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            frame = self._next_expected()
-            if frame is None:
-                if not self.extra_count:
-                    self.extra = bytes(view[:CONTEXT])
-                self.extra_count += len(view)
-                break
-            n = min(len(view), len(frame.payload) - self._position)
-            expected = frame.payload[self._position : self._position + n]
-            got = view[:n]
-            if expected == got:
-                self._in_divergence = False
-            else:
-                self._scan(frame, expected, bytes(got))
-            self._position += n
-            self.compared += n
-            view = view[n:]
-        self._received.set()
-        self._received = trio.Event()
-
-    def _scan(self, frame: FrameRecord, expected: bytes, got: bytes) -> None:
-        """Record each run of differing bytes (only the first few are kept)."""
-        if len(self.divergences) >= MAX_DIVERGENCES:
-            self.more_divergences = True
-            return
-        for i, (a, b) in enumerate(zip(expected, got, strict=True)):
-            if a == b:
-                self._in_divergence = False
-                continue
-            if self._in_divergence:
-                continue
-            self._in_divergence = True
-            if len(self.divergences) >= MAX_DIVERGENCES:
-                self.more_divergences = True
-                return
-            self.divergences.append(
-                Divergence(
-                    offset=self.compared + i,
-                    expected=expected[i : i + CONTEXT],
-                    got=got[i : i + CONTEXT],
-                    recorded_at_us=frame.time_us,
-                    record_offset=frame.offset,
-                )
-            )
-
-    def missing(self) -> tuple[int, Divergence | None]:
-        """After the end: recorded bytes never received (count, and where they start)."""
-        frame = self._next_expected()
-        if frame is None:
-            return 0, None
-        rest = frame.payload[self._position :]
-        first = Divergence(self.compared, rest[:CONTEXT], b"", frame.time_us, frame.offset)
-        count = len(rest)
-        self._current = None
-        for more in self._expected:
-            count += len(more.payload)
-        return count, first
-
-    async def wait_for(self, count: int) -> None:
-        """Until ``count`` bytes have been received (the caller bounds the time)."""
-        while self.compared + self.extra_count < count:
-            await self._received.wait()
+COMPARATOR_NAMES = (*STREAM_MODES, "rfb")
 
 
 @dataclass
 class DriveReport:
-    """The outcome of one drive: matched, or the first divergences."""
+    """The outcome of one drive: matched, or what differs."""
 
     recording: str
     against: str
+    compare: str = "bytes"
     sent_messages: int = 0
     expected_bytes: int = 0
     received_bytes: int = 0
-    divergences: list[Divergence] = field(default_factory=list)
-    more_divergences: bool = False
-    missing_bytes: int = 0
-    missing_at: Divergence | None = None
-    extra_bytes: int = 0
-    extra_preview: bytes = b""
+    findings: list[Finding] = field(default_factory=list)
     close_problem: str = ""
     stalls: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -175,38 +87,48 @@ class DriveReport:
 
     @property
     def ok(self) -> bool:
-        return not (
-            self.error
-            or self.divergences
-            or self.more_divergences
-            or self.missing_bytes
-            or self.extra_bytes
-            or self.close_problem
-        )
+        return not (self.error or self.findings or self.close_problem)
 
     def lines(self) -> list[str]:
         lines = [
             f"--- {self.recording} (recorded target->client, {self.expected_bytes} bytes)",
-            f"+++ {self.against} (received, {self.received_bytes} bytes)",
+            f"+++ {self.against} (received, {self.received_bytes} bytes; compared: {self.compare})",
         ]
         if self.error:
             lines.append(f"error: {self.error}")
-        for divergence in self.divergences:
-            lines += divergence.lines()
-        if self.more_divergences:
-            lines.append(f"... more divergences after the first {len(self.divergences)}")
-        if self.missing_at is not None:
-            lines += self.missing_at.lines()
-            lines.append(f"the server sent {self.missing_bytes} bytes fewer than the recording")
-        if self.extra_bytes:
-            lines.append(f"@@ {self.extra_bytes} bytes beyond the end of the recording @@")
-            lines += hexdump(self.extra_preview, self.expected_bytes, "+ ")
+        for finding in self.findings:
+            lines += finding.lines()
         if self.close_problem:
             lines.append(f"close: {self.close_problem}")
         lines += [f"note: {note}" for note in self.stalls + self.notes]
         summary = "same as the recording" if self.ok else "DIFFERENT from the recording"
         lines.append(f"result: {summary} ({self.sent_messages} client messages sent)")
         return lines
+
+
+class _Received:
+    """What the live server sends, numbered and stamped, handed to the comparator; the
+    players wait on it."""
+
+    def __init__(self, comparator: Comparator) -> None:
+        self.comparator = comparator
+        self.started = trio.current_time()
+        self.count = 0
+        self.bytes = 0
+        self._changed = trio.Event()
+
+    def feed(self, data: bytes, text: bool = False) -> None:
+        self.count += 1
+        at_us = int((trio.current_time() - self.started) * 1e6)
+        self.comparator.receive(Message(self.count, text, data, at_us, self.bytes))
+        self.bytes += len(data)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def caught_up(self) -> None:
+        """Until the comparator says the live server has caught up (the caller bounds it)."""
+        while not self.comparator.caught_up():
+            await self._changed.wait()
 
 
 class _CannotConnect(Exception):
@@ -221,17 +143,17 @@ class _TcpConnection:
         self.eof = trio.Event()
         self.close_got: tuple[int | None, str] | None = None  # TCP has no close frame
 
-    async def send(self, record: FrameRecord) -> bool:
+    async def send(self, record: FrameRecord, payload: bytes) -> bool:
         try:
             if record.kind is Kind.CLOSE:
                 await self.stream.send_eof()
-            elif record.is_data and record.payload:
-                await self.stream.send_all(record.payload)
+            elif record.is_data and payload:
+                await self.stream.send_all(payload)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
         return True
 
-    async def receive_into(self, comparison: StreamComparison) -> None:
+    async def receive_into(self, received: _Received) -> None:
         try:
             while True:
                 try:
@@ -240,7 +162,7 @@ class _TcpConnection:
                     data = b""
                 if not data:
                     break
-                comparison.feed(data)
+                received.feed(data)
         finally:
             self.eof.set()
 
@@ -254,15 +176,18 @@ class _WsConnection:
         self.eof = trio.Event()
         self.close_got: tuple[int | None, str] | None = None
 
-    async def send(self, record: FrameRecord) -> bool:
-        return await self.sender.send(record.kind, record.payload, record.fin)
+    async def send(self, record: FrameRecord, payload: bytes) -> bool:
+        return await self.sender.send(record.kind, payload, record.fin)
 
-    async def receive_into(self, comparison: StreamComparison) -> None:
-        """Every data frame as it arrives, until the connection is closed."""
+    async def receive_into(self, received: _Received) -> None:
+        """Every message as it arrives, until the connection is closed."""
         try:
             while True:
-                async for fragment in self.ws.recv_streaming(decode=False):
-                    comparison.feed(fragment)
+                data = await self.ws.recv()
+                if isinstance(data, str):
+                    received.feed(data.encode(), text=True)
+                else:
+                    received.feed(data)
         except ConnectionClosed:
             code, reason = self.ws.close_code, self.ws.close_reason or ""
             if code is not None and code != 1006:  # 1006: no close frame came
@@ -282,52 +207,44 @@ async def drive(
     speed: float = 1.0,
     delay: bool = True,
     timeout: float = 10.0,
+    compare: str | Comparator = "bytes",
     on_progress: Callable[[int, float], None] | None = None,
 ) -> DriveReport:
     """Drive ``target`` or ``url`` with the recorded client side; see the module doc.
 
-    ``timeout`` bounds each wait for the server (its answer, its close).
+    ``timeout`` bounds each wait for the server (its answer, its close). ``compare``
+    names a comparator (see :func:`make_comparator`) or is one.
     """
     if (target is None) == (url is None):
         raise ValueError("give exactly one of target= and url=")
     path = Path(recording)
+    comparator = make_comparator(compare)
     with open_recording(path) as reader:
         meta = reader.meta
-    report = DriveReport(str(path), url or str(target))
-    with open_recording(path) as expected_reader:
-        expected = (
-            r
-            for r in expected_reader
-            if isinstance(r, FrameRecord) and r.direction is Direction.DOWN and r.is_data
-        )
-        comparison = StreamComparison(expected)
-        async with AsyncExitStack() as stack:
-            try:
-                opened = await _open(stack, target, url, meta.subprotocol, timeout)
-            except _CannotConnect as exc:
-                report.error = str(exc)
-                return report
-            async with trio.open_nursery() as nursery:
-                connection: _Connection = (
-                    _WsConnection(opened, nursery)
-                    if isinstance(opened, ClientConnection)
-                    else _TcpConnection(opened)
-                )
-                nursery.start_soon(connection.receive_into, comparison)
-                playback = _ClientPlayback(
-                    connection, comparison, report, speed, delay, timeout, on_progress
-                )
-                await playback.play(path)
-                nursery.cancel_scope.cancel()
-            # What the recording did not close is cut, not closed with a handshake.
-            await trio.aclose_forcefully(opened)
-        report.received_bytes = comparison.compared + comparison.extra_count
-        report.divergences = comparison.divergences
-        report.more_divergences = comparison.more_divergences
-        report.extra_bytes = comparison.extra_count
-        report.extra_preview = comparison.extra
-        report.missing_bytes, report.missing_at = comparison.missing()
-        report.expected_bytes = comparison.compared + report.missing_bytes
+    report = DriveReport(str(path), url or str(target), comparator.name)
+    async with AsyncExitStack() as stack:
+        try:
+            opened = await _open(stack, target, url, meta.subprotocol, timeout)
+        except _CannotConnect as exc:
+            report.error = str(exc)
+            return report
+        received = _Received(comparator)
+        async with trio.open_nursery() as nursery:
+            connection: _Connection = (
+                _WsConnection(opened, nursery)
+                if isinstance(opened, ClientConnection)
+                else _TcpConnection(opened)
+            )
+            nursery.start_soon(connection.receive_into, received)
+            playback = _ClientPlayback(
+                connection, received, report, speed, delay, timeout, on_progress
+            )
+            await playback.play(path)
+            nursery.cancel_scope.cancel()
+        # What the recording did not close is cut, not closed with a handshake.
+        await trio.aclose_forcefully(opened)
+    report.received_bytes = received.bytes
+    report.findings = comparator.findings()
     return report
 
 
@@ -379,7 +296,7 @@ class _ClientPlayback:
     in its time; the report gets the stalls, the notes and how the session ended."""
 
     connection: _Connection
-    comparison: StreamComparison
+    received: _Received
     report: DriveReport
     speed: float
     delay: bool
@@ -387,7 +304,7 @@ class _ClientPlayback:
     on_progress: Callable[[int, float], None] | None
     # The live time of the recording's time 0; a sync point moves it later.
     anchor: float = field(init=False, default_factory=trio.current_time)
-    seen_down: int = field(init=False, default=0)  # recorded target->client bytes so far
+    server: MessageAssembler = field(init=False, default_factory=MessageAssembler)
     recorded_close: tuple[int | None, str] | None = field(init=False, default=None)
     client_closed: bool = field(init=False, default=False)
 
@@ -395,11 +312,7 @@ class _ClientPlayback:
         with open_recording(path) as reader:
             for record in reader:
                 if isinstance(record, GapRecord):
-                    self.report.notes.append(
-                        f"the recording has a gap at {record.time_us / 1e6:.3f} s "
-                        f"({record.total_frames} frames lost: {record.reason}); "
-                        "divergences after it may come from the recording"
-                    )
+                    self.report.notes.append(describe_gap(record))
                 if not isinstance(record, FrameRecord) or record.kind is Kind.PONG:
                     continue  # pongs answered the recorded peer's pings; ours answer live ones
                 if record.direction is Direction.DOWN:
@@ -409,14 +322,19 @@ class _ClientPlayback:
                     break
                 if self.on_progress is not None:
                     self.on_progress(reader.position, trio.current_time() - self.anchor)
-        await self._wait_for_server(self.seen_down)
+        await self._wait_for_server()
         await self._end_like_recording()
 
     def _follow_server(self, record: FrameRecord) -> None:
-        """Count what the recorded client had received; keep the server's close, unless
-        it answered the client's."""
+        """Tell the comparator what the recorded client had received; keep the server's
+        close, unless it answered the client's."""
         if record.is_data:
-            self.seen_down += len(record.payload)
+            message = self.server.feed(
+                record.kind, record.fin, record.payload, record.time_us, record.offset
+            )
+            if message is not None:
+                self.received.comparator.expect(message)
+                self.report.expected_bytes += len(message.payload)
         elif record.kind is Kind.CLOSE and not self.client_closed:
             self.recorded_close = close_payload(record.payload)
 
@@ -424,7 +342,10 @@ class _ClientPlayback:
         """Send a recorded client frame when its time comes; False if the server closed."""
         seconds = record.time_us / 1e6
         await self._pace(seconds)
-        if self.connection.eof.is_set() or not await self.connection.send(record):
+        payload = record.payload
+        if record.is_data:
+            payload = self.received.comparator.client_sends(payload)
+        if self.connection.eof.is_set() or not await self.connection.send(record, payload):
             self.report.notes.append(
                 f"the server closed the connection before the client message at {seconds:.3f} s"
             )
@@ -438,10 +359,11 @@ class _ClientPlayback:
     async def _pace(self, seconds: float) -> None:
         """Wait until the server has sent what the recorded client had received by then
         (after one such wait times out, no more), then until the recorded time."""
-        if not self.report.stalls and not await self._wait_for_server(self.seen_down):
+        if not self.report.stalls and not await self._wait_for_server():
             self.report.stalls.append(
                 f"before the client message at {seconds:.3f} s: waited {self.timeout:g} s "
-                f"for the server's first {self.seen_down} bytes, got {self.comparison.compared}; "
+                f"for the server's answer to what came before (recorded: "
+                f"{self.report.expected_bytes} bytes so far, got {self.received.bytes}); "
                 "later messages were sent without waiting"
             )
         # A server slower than recorded moves the anchor: the spacing after a sync point stays.
@@ -449,9 +371,10 @@ class _ClientPlayback:
         if self.delay:
             await trio.sleep_until(self.anchor + seconds / self.speed)
 
-    async def _wait_for_server(self, count: int) -> bool:
-        """True when the server has sent ``count`` bytes (False: timeout or it closed)."""
-        comparison, eof = self.comparison, self.connection.eof
+    async def _wait_for_server(self) -> bool:
+        """True when the server has caught up with the recording, a sync point (False:
+        timeout, or it closed)."""
+        received, eof = self.received, self.connection.eof
         with trio.move_on_after(self.timeout):
             async with trio.open_nursery() as nursery:
 
@@ -460,9 +383,12 @@ class _ClientPlayback:
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(stop_at_eof)
-                await comparison.wait_for(count)
+                await received.caught_up()
                 nursery.cancel_scope.cancel()
-        return comparison.compared + comparison.extra_count >= count
+        caught_up: bool = received.comparator.caught_up()
+        if caught_up:
+            received.comparator.sync()
+        return caught_up
 
     async def _end_like_recording(self) -> None:
         """Let the session end as the recorded one did, and compare how it ended."""

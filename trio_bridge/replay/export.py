@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from ..observe import Direction
-from ..recording import FrameRecord, RecordingReader
+from ..recording import FrameRecord, GapRecord, RecordingReader
 from .messages import MessageAssembler
 
 MARKERS = {Direction.DOWN: "{", Direction.UP: "}"}
@@ -35,12 +35,16 @@ def export_websockify(
     reader: RecordingReader,
     out: TextIO,
     on_progress: Callable[[int], None] | None = None,
+    on_gap: Callable[[GapRecord], None] | None = None,
 ) -> int:
-    """Write the whole recording to ``out``; returns the number of messages written."""
+    """Write the whole recording to ``out``; returns the number of messages written.
+    websockify's format cannot mark a gap: ``on_gap`` is told of each one."""
     assemblers = {direction: MessageAssembler() for direction in Direction}
     out.write("var VNC_frame_data = [\n")
     count = 0
     for record in reader:
+        if isinstance(record, GapRecord) and on_gap is not None:
+            on_gap(record)
         if not isinstance(record, FrameRecord):
             continue
         message = assemblers[record.direction].feed(record.kind, record.fin, record.payload)

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..observe import Direction
-from ..recording import FrameRecord, Kind, Record
+from ..recording import FrameRecord, GapRecord, Kind, Record
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +66,12 @@ def recorded_messages(records: Iterable[Record], direction: Direction) -> Iterat
             )
             if message is not None:
                 yield message
+
+
+def describe_gap(gap: GapRecord) -> str:
+    """The note every report carries for a gap: what follows it may differ because of
+    the recording, not the live side."""
+    return (
+        f"the recording has a gap at {gap.time_us / 1e6:.3f} s ({gap.total_frames} frames "
+        f"lost: {gap.reason}); divergences after it may come from the recording"
+    )

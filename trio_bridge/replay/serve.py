@@ -14,7 +14,7 @@ long recording costs no memory.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,41 +27,16 @@ from websockets.trio.server import serve as serve_websocket
 from websockets.typing import Subprotocol
 
 from ..observe import Direction
-from ..recording import FrameRecord, Kind, open_recording
-from .messages import Message, MessageAssembler, recorded_messages
+from ..recording import FrameRecord, GapRecord, Kind, open_recording
+from .compare import Divergence, align, message_key
+from .messages import Message, MessageAssembler, describe_gap, recorded_messages
 from .preview import describe_payload
 from .wsio import FrameSender
 
 log = logging.getLogger("trio_bridge.replay")
 
 MAX_LISTED_DIFFERENCES = 20
-
-
-@dataclass(frozen=True)
-class Difference:
-    """A client message that is not the recorded one (``None``: missing or extra)."""
-
-    index: int
-    expected: Message | None
-    got: Message | None
-    at: float  # seconds since the live session started
-
-    def describe(self) -> str:
-        if self.expected is None:
-            assert self.got is not None
-            return (
-                f"client message #{self.index} at {self.at:.3f} s is extra (the recording "
-                f"has fewer): {describe_payload(self.got.payload, text=self.got.text)}"
-            )
-        recorded = f"recorded at {self.expected.time_us / 1e6:.3f} s"
-        expected = describe_payload(self.expected.payload, text=self.expected.text)
-        if self.got is None:
-            return f"client message #{self.index} ({recorded}) never came: expected {expected}"
-        got = describe_payload(self.got.payload, text=self.got.text)
-        return (
-            f"client message #{self.index} at {self.at:.3f} s ({recorded}) differs:\n"
-            f"    expected {expected}\n    got      {got}"
-        )
+WAIT_NOTICE = 1.0  # seconds of a lockstep wait before on_wait says what it waits for
 
 
 @dataclass
@@ -73,10 +48,11 @@ class ServeReport:
     client_messages: int = 0
     matched: int = 0
     expected_messages: int = 0
-    differences: list[Difference] = field(default_factory=list)
+    differences: list[Divergence] = field(default_factory=list)
     more_differences: int = 0
     played_to_end: bool = False
-    note: str = ""
+    note: str = ""  # why the play stopped early, or how the recording ends
+    notes: list[str] = field(default_factory=list)  # gaps, lockstep waits that timed out
 
     @property
     def ok(self) -> bool:
@@ -89,9 +65,11 @@ class ServeReport:
             f"({self.client_messages} received)"
         )
         lines = [head + (f"; {self.note}" if self.note else "")]
-        lines += [difference.describe() for difference in self.differences]
+        for difference in self.differences:
+            lines += difference.lines()
         if self.more_differences:
             lines.append(f"... and {self.more_differences} more differences")
+        lines += [f"note: {note}" for note in self.notes]
         lines.append(f"client {self.client}: {'OK' if self.ok else 'DIFFERENT'}")
         return lines
 
@@ -125,6 +103,34 @@ class _ClientProgress:
         return True
 
 
+class PlaybackControl:
+    """Pause, resume and speed, shared by every client's play (the --web page's buttons,
+    or code); each play follows a change as it comes."""
+
+    def __init__(self, speed: float = 1.0) -> None:
+        self.speed = speed
+        self.paused = False
+        self.changed = trio.Event()  # set, and replaced, at each change
+
+    def pause(self) -> None:
+        self.paused = True
+        self._notify()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._notify()
+
+    def set_speed(self, speed: float) -> None:
+        if not speed > 0:
+            raise ValueError("speed must be greater than 0")
+        self.speed = speed
+        self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
 class ReplayServer:
     """Serves one recording to every client that connects (one at a time or many)."""
 
@@ -135,23 +141,27 @@ class ReplayServer:
         speed: float = 1.0,
         delay: bool = True,
         lockstep: bool = False,
+        lockstep_timeout: float = 30.0,
         close_timeout: float = 5.0,
         handshake_timeout: float = 10.0,
         on_report: Callable[[ServeReport], None] | None = None,
         on_progress: Callable[[str, int, float], None] | None = None,
+        on_wait: Callable[[str, str], None] | None = None,
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be greater than 0")
         self.recording = Path(recording)
         with open_recording(self.recording) as reader:  # fail now on a bad file
             self.meta = reader.meta
-        self.speed = speed
+        self.control = PlaybackControl(speed)
         self.delay = delay
         self.lockstep = lockstep
+        self.lockstep_timeout = lockstep_timeout
         self.close_timeout = close_timeout
         self.handshake_timeout = handshake_timeout
         self.on_report = on_report
         self.on_progress = on_progress
+        self.on_wait = on_wait  # (client, what it waits for), after WAIT_NOTICE s in lockstep
         self.reports: list[ServeReport] = []
         self.port = 0
         self._report_added = trio.Event()
@@ -180,7 +190,9 @@ class ReplayServer:
         task_status: trio.TaskStatus[ReplayServer] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve clients on ``listeners``; with ``once``, return after the first session
-        (clients connecting meanwhile are refused with close code 1013, try again later)."""
+        (clients connecting meanwhile are refused with close code 1013, try again later).
+        Only a completed WebSocket handshake counts: a probe, a plain HTTP request or a
+        failed handshake is logged and the server keeps waiting."""
         self.port = listeners[0].socket.getsockname()[1]
         first_taken, first_done = trio.Event(), trio.Event()
 
@@ -199,8 +211,6 @@ class ReplayServer:
                 host, port = ws.remote_address[:2]
                 status = f"HTTP {response.status_code} {response.reason_phrase}"
                 log.warning("client %s:%s: refused the handshake with %s", host, port, status)
-                if once:
-                    first_done.set()
 
         async with trio.open_nursery() as nursery:
             await nursery.start(
@@ -258,54 +268,30 @@ class ReplayServer:
     async def _compare(
         self, ws: ServerConnection, report: ServeReport, progress: _ClientProgress
     ) -> None:
-        with open_recording(self.recording) as reader:
-            expected = recorded_messages(reader, Direction.UP)
-            try:
-                await self._compare_messages(ws, report, progress, expected)
-            finally:
-                progress.finish()
-            report.expected_messages += self._missing(report, expected)
-
-    async def _compare_messages(
-        self,
-        ws: ServerConnection,
-        report: ServeReport,
-        progress: _ClientProgress,
-        expected: Iterator[Message],
-    ) -> None:
+        """Collect the client's messages; at the end align them with the recorded ones."""
+        got: list[Message] = []
         started = trio.current_time()
-        while True:
-            try:
-                data = await ws.recv()
-            except ConnectionClosed:
-                return
-            text = isinstance(data, str)
-            payload = data.encode() if isinstance(data, str) else data
-            report.client_messages += 1
-            got = Message(report.client_messages, text, payload)
-            recorded = next(expected, None)
-            if recorded is not None:
-                report.expected_messages += 1
-            if recorded is not None and recorded.same_as(got):
-                report.matched += 1
-            else:
-                at = trio.current_time() - started
-                self._differ(report, Difference(got.index, recorded, got, at))
-            progress.advance()
-
-    def _missing(self, report: ServeReport, expected: Iterator[Message]) -> int:
-        count = 0
-        for message in expected:
-            count += 1
-            self._differ(report, Difference(message.index, message, None, 0.0))
-        return count
-
-    @staticmethod
-    def _differ(report: ServeReport, difference: Difference) -> None:
-        if len(report.differences) < MAX_LISTED_DIFFERENCES:
-            report.differences.append(difference)
-        else:
-            report.more_differences += 1
+        try:
+            while True:
+                try:
+                    data = await ws.recv()
+                except ConnectionClosed:
+                    break
+                payload = data.encode() if isinstance(data, str) else data
+                at_us = int((trio.current_time() - started) * 1e6)
+                got.append(Message(len(got) + 1, isinstance(data, str), payload, at_us))
+                report.client_messages += 1
+                progress.advance()
+        finally:
+            progress.finish()
+        with open_recording(self.recording) as reader:
+            expected = list(recorded_messages(reader, Direction.UP))
+        report.expected_messages = len(expected)
+        report.matched, differences = align(
+            expected, got, message_key, "client->target", joined_equal_is_same=False
+        )
+        report.differences = differences[:MAX_LISTED_DIFFERENCES]
+        report.more_differences = len(differences) - len(report.differences)
 
 
 # -- playing the target's side ------------------------------------------------------------
@@ -320,14 +306,23 @@ class _Playback:
     sender: FrameSender
     report: ServeReport
     progress: _ClientProgress
-    # The live time of the recording's time 0; a lockstep sync moves it.
+    # The live time of the recording's time 0 at ``speed``; a sync, a pause or another
+    # speed moves it.
     anchor: float = field(init=False, default_factory=trio.current_time)
+    speed: float = field(init=False, default=1.0)
     client: MessageAssembler = field(init=False, default_factory=MessageAssembler)
     client_closed_first: bool = field(init=False, default=False)
+    lockstep: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.speed = self.server.control.speed
+        self.lockstep = self.server.lockstep
 
     async def play(self) -> None:
         with open_recording(self.server.recording) as reader:
             for record in reader:
+                if isinstance(record, GapRecord):
+                    self.report.notes.append(describe_gap(record))
                 if not isinstance(record, FrameRecord) or record.kind is Kind.PONG:
                     continue  # pongs answered the recorded peer's pings; ours answer live ones
                 if record.direction is Direction.UP:
@@ -341,28 +336,76 @@ class _Playback:
                 self.report.note = f"the recording is {reader.status.describe()}"
 
     async def finish(self) -> None:
-        """End the session: close if the recording did not (waiting for the client's reply)."""
+        """End the session the recording did not end: once the client has sent as many
+        messages as the recorded one (its last replies), or after ``close_timeout``."""
         await self.sender.end_message()
+        if self.report.played_to_end and not self.progress.closed.is_set():
+            with trio.move_on_after(self.server.close_timeout):
+                await self.progress.wait_for(self.client.count)
         await self.sender.ws.aclose(1000, "end of recording")
 
     async def _follow_client(self, record: FrameRecord) -> bool:
         """In lockstep, wait for the live client's message wherever the recorded client's
         ended; False if the live client closed instead."""
         self.client_closed_first |= record.kind is Kind.CLOSE
-        message = self.client.feed(record.kind, record.fin, record.payload)
-        if message is None or not self.server.lockstep:
+        message = self.client.feed(record.kind, record.fin, record.payload, record.time_us)
+        if message is None or not self.lockstep:
             return True
-        if not await self.progress.wait_for(self.client.count):
+        if not await self._wait_for_client(message):
             self.report.note = "the client closed the connection early"
             return False
-        self.anchor = trio.current_time() - record.time_us / 1e6 / self.server.speed
+        self.anchor = trio.current_time() - record.time_us / 1e6 / self.speed
         return True
+
+    async def _wait_for_client(self, message: Message) -> bool:
+        """Until the client has sent ``message``'s number of messages; says what it waits
+        for after WAIT_NOTICE s, gives up lockstep after ``lockstep_timeout``."""
+        server, progress = self.server, self.progress
+        with trio.move_on_after(min(WAIT_NOTICE, server.lockstep_timeout)):
+            return await progress.wait_for(message.index)
+        waiting = (
+            f"lockstep: waiting for client message #{message.index} (recorded at "
+            f"{message.time_us / 1e6:.3f} s): "
+            f"{describe_payload(message.payload, text=message.text)}"
+        )
+        if server.on_wait is not None:
+            server.on_wait(self.report.client, waiting)
+        with trio.move_on_after(max(server.lockstep_timeout - WAIT_NOTICE, 0)):
+            return await progress.wait_for(message.index)
+        self.lockstep = False
+        self.report.notes.append(
+            f"lockstep: client message #{message.index} (recorded at "
+            f"{message.time_us / 1e6:.3f} s) did not come within {server.lockstep_timeout:g} s; "
+            "the rest was played without waiting"
+        )
+        return True
+
+    async def _until(self, seconds: float) -> None:
+        """Until the recording's time ``seconds`` (scaled by the speed; not at all without
+        delay), following pause, resume and speed changes as they come."""
+        control = self.server.control
+        while True:
+            changed = control.changed
+            now = trio.current_time()
+            if control.paused:
+                reached = (now - self.anchor) * self.speed
+                await changed.wait()
+                self.anchor = trio.current_time() - reached / self.speed
+                continue
+            if control.speed != self.speed:  # keep the position, change the pace
+                reached = (now - self.anchor) * self.speed
+                self.speed = control.speed
+                self.anchor = now - reached / self.speed
+            due = self.anchor + seconds / self.speed
+            if not self.server.delay or now >= due:
+                return
+            with trio.move_on_at(due):
+                await changed.wait()
 
     async def _send(self, record: FrameRecord, position: int) -> bool:
         """Send a recorded target frame at its time; False once the session is over."""
         server, report = self.server, self.report
-        if server.delay:
-            await trio.sleep_until(self.anchor + record.time_us / 1e6 / server.speed)
+        await self._until(record.time_us / 1e6)
         if record.kind is Kind.CLOSE and self.client_closed_first:
             # The recorded close was the echo of the client's: wait for this one's.
             with trio.move_on_after(server.close_timeout):

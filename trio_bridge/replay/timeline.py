@@ -163,11 +163,13 @@ def print_timeline(
     view: PayloadView = PayloadView.PREVIEW,
     only: Direction | None = None,
     on_progress: Callable[[int], None] | None = None,
+    summary: Summary | None = None,
 ) -> ReadStatus:
-    """Print header, timeline and summary; returns where and why reading stopped."""
+    """Print header, timeline and summary; returns where and why reading stopped.
+    ``summary``, when given, is filled (its ``gaps``, totals, close)."""
     for line in _header(reader):
         print(line, file=out)
-    summary = Summary()
+    summary = summary if summary is not None else Summary()
     for record in reader:
         summary.add(record)
         if isinstance(record, FrameRecord):

@@ -1,0 +1,221 @@
+"""``drive --compare rfb`` against a real VNC server: x11vnc on Xvfb.
+
+The recording is made in the test: a small RFB client (this file) talks to x11vnc
+through a recording bridge, asks for Hextile (which x11vnc then uses), and stops once
+the whole screen has arrived. Driving that recording against x11vnc, the comparator
+asks for Raw and CopyRect instead, so the bytes differ and the screens must not:
+
+- the same picture: the report says the same as the recording;
+- another window on part of the screen: the report names that region and its colours.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from websockets.trio.client import connect
+from websockets.typing import Subprotocol
+
+from trio_bridge import TcpAddress
+from trio_bridge.pytest_plugin import StartBridge
+from trio_bridge.replay import drive
+from trio_bridge.replay.rfb import (
+    COPY_RECT,
+    CURSOR,
+    DESKTOP_SIZE,
+    HEXTILE,
+    RAW,
+    RfbComparator,
+    RfbSide,
+    Screen,
+)
+
+from .conftest import free_port
+from .test_browser import XWindow, _pad, _scale, running, start_xvfb, x11vnc_argv
+
+BACKGROUND = (222, 40, 150)
+PATCH = (30, 200, 60)
+PATCH_AT = (48, 32, 64, 40)  # x, y, width, height
+
+# noVNC's pixel format: 32 bits, depth 24, little-endian, true colour, red at bit 0.
+NOVNC_PIXEL_FORMAT = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 0, 8, 16)
+
+
+@dataclass
+class Desktop:
+    display: int
+    vnc: TcpAddress
+
+
+@asynccontextmanager
+async def vnc_desktop(nursery: trio.Nursery) -> AsyncIterator[Desktop]:
+    """Xvfb (320x240) with a full-screen window of BACKGROUND, served by x11vnc."""
+    async with AsyncExitStack() as stack:
+        display = await start_xvfb(nursery, stack)
+        window = await XWindow.open(display, BACKGROUND)
+        stack.push_async_callback(window.stream.aclose)
+        port = free_port()
+        x11vnc = await stack.enter_async_context(
+            running(nursery, "x11vnc", x11vnc_argv(display, port))
+        )
+        await x11vnc.wait_for(rf"PORT={port}")
+        yield Desktop(display, TcpAddress("127.0.0.1", port))
+
+
+async def paint_patch(display: int, colour: tuple[int, int, int]) -> trio.SocketStream:
+    """A window of ``colour`` at PATCH_AT, mapped when this returns (a round trip)."""
+    window = XWindow(await trio.open_unix_socket(f"/tmp/.X11-unix/X{display}"))
+    await window.stream.send_all(struct.pack("<BxHHHHxx", 0x6C, 11, 0, 0, 0))
+    status, _, _, _, length = struct.unpack("<BBHHH", await window._read(8))
+    body = await window._read(length * 4)
+    assert status == 1, body
+    id_base = struct.unpack_from("<I", body, 4)[0]
+    vendor_length = struct.unpack_from("<H", body, 16)[0]
+    screen = 32 + vendor_length + _pad(vendor_length) + 8 * body[21]
+    root = struct.unpack_from("<I", body, screen)[0]
+    visual = struct.unpack_from("<I", body, screen + 32)[0]
+    masks = XWindow._visual_masks(body, screen, visual)
+    pixel = sum(_scale(c, m) for c, m in zip(colour, masks, strict=True))
+    x, y, width, height = PATCH_AT
+    wid = id_base | 1
+    create = struct.pack(
+        "<BBHIIhhHHHHII", 1, 0, 10, wid, root, x, y, width, height, 0, 1, 0, 0x2 | 0x200
+    ) + struct.pack("<II", pixel, 1)
+    map_window = struct.pack("<BxHI", 8, 2, wid)
+    get_input_focus = struct.pack("<BxH", 43, 1)
+    await window.stream.send_all(create + map_window + get_input_focus)
+    while (reply := await window._read(32))[0] != 1:
+        assert reply[0] != 0, f"X error {reply[1]}"
+    return window.stream
+
+
+class RfbClient:
+    """Just enough of an RFB client: handshake, noVNC's pixel format, Hextile, updates;
+    ``side`` (the comparator's own parser) holds the screen."""
+
+    def __init__(
+        self, send: Callable[[bytes], Awaitable[None]], receive: Callable[[], Awaitable[bytes]]
+    ) -> None:
+        self._send, self._receive = send, receive
+        self.side = RfbSide()
+
+    async def send(self, data: bytes) -> None:
+        self.side.from_client(data)
+        await self._send(data)
+
+    async def until(self, done: Callable[[], object]) -> None:
+        while not done():
+            data = await self._receive()
+            assert data, "the server closed the connection"
+            self.side.from_server(data)
+            assert not self.side.stopped, self.side.stopped
+
+    async def start(self) -> Screen:
+        """Handshake, then the whole screen once."""
+        side = self.side
+        await self.until(lambda: side.version)
+        await self.send(b"RFB 003.008\n")
+        await self.until(lambda: side.security_types)
+        assert 1 in side.security_types, side.security_types
+        await self.send(b"\x01")
+        await self.until(lambda: side.security_result is not None)
+        await self.send(b"\x01")  # ClientInit: shared
+        await self.until(lambda: side.screen is not None)
+        await self.send(b"\x00\x00\x00\x00" + NOVNC_PIXEL_FORMAT)
+        encodings = (HEXTILE, COPY_RECT, RAW, CURSOR, DESKTOP_SIZE)
+        await self.send(struct.pack(f">BxH{len(encodings)}i", 2, len(encodings), *encodings))
+        await self.request(incremental=False)
+        await self.until(lambda: side.full_updates >= 1)
+        assert side.screen is not None
+        return side.screen
+
+    async def next_update(self) -> None:
+        seen = self.side.updates
+        await self.request(incremental=True)
+        await self.until(lambda: self.side.updates > seen)
+
+    async def request(self, *, incremental: bool) -> None:
+        assert self.side.screen is not None
+        width, height = self.side.screen.width, self.side.screen.height
+        await self.send(struct.pack(">BBHHHH", 3, incremental, 0, 0, width, height))
+
+
+async def record_vnc_session(url: str) -> None:
+    """Through a bridge: the handshake and one full-screen update, then a clean close."""
+    async with connect(url, subprotocols=[Subprotocol("binary")]) as ws:
+
+        async def receive() -> bytes:
+            return await ws.recv(decode=False)
+
+        await RfbClient(ws.send, receive).start()
+
+
+def rgb(screen: Screen, x: int, y: int) -> tuple[int, int, int]:
+    return screen.format.rgb(screen.pixel(x, y), screen.colours)
+
+
+async def wait_until_shown(vnc: TcpAddress, colour: tuple[int, int, int]) -> None:
+    """Until x11vnc serves the patch (it polls the X screen: a change shows up a little
+    later), watched through its own updates, as a viewer would."""
+    async with await trio.open_tcp_stream(vnc.host, vnc.port) as stream:
+        client = RfbClient(stream.send_all, lambda: stream.receive_some(65536))
+        screen = await client.start()
+        x, y = PATCH_AT[0] + 1, PATCH_AT[1] + 1
+        while rgb(screen, x, y) != colour:
+            await client.next_update()
+
+
+async def record(start_ws_bridge: StartBridge, vnc: TcpAddress, folder: Path) -> Path:
+    bridge = await start_ws_bridge(vnc, record=folder)
+    await record_vnc_session(bridge.url)
+    (path,) = await bridge.recordings(1)
+    return path
+
+
+async def test_the_same_picture_matches_though_the_encodings_differ(
+    nursery: trio.Nursery, start_ws_bridge: StartBridge, tmp_path: Path
+) -> None:
+    with trio.fail_after(60):
+        async with vnc_desktop(nursery) as desktop:
+            path = await record(start_ws_bridge, desktop.vnc, tmp_path)
+            comparator = RfbComparator()
+            report = await drive(path, target=desktop.vnc, compare=comparator, timeout=10)
+    assert report.ok, "\n".join(report.lines())
+    assert report.lines()[-1].startswith("result: same as the recording")
+    assert comparator.recorded.updates >= 1 and comparator.live.updates >= 1
+    # Hextile was recorded, Raw came live: the same screen in other bytes.
+    assert report.received_bytes > report.expected_bytes
+
+
+async def test_another_picture_reports_the_region_and_its_colours(
+    nursery: trio.Nursery, start_ws_bridge: StartBridge, tmp_path: Path
+) -> None:
+    images = tmp_path / "images"
+    with trio.fail_after(60):
+        async with vnc_desktop(nursery) as desktop:
+            path = await record(start_ws_bridge, desktop.vnc, tmp_path)
+            patch = await paint_patch(desktop.display, PATCH)
+            await wait_until_shown(desktop.vnc, PATCH)
+            try:
+                comparator = RfbComparator(images=images)
+                report = await drive(path, target=desktop.vnc, compare=comparator, timeout=10)
+            finally:
+                await patch.aclose()
+    text = "\n".join(report.lines())
+    assert not report.ok, text
+    x, y, width, height = PATCH_AT
+    region = (
+        f"region x={x} y={y} {width}x{height}: {width * height} pixels differ; "
+        f"expected mostly rgb(222,40,150) #de2896, got mostly rgb(30,200,60) #1ec83c"
+    )
+    assert region in text, text
+    assert text.count("@@ rfb screen") == 1, text  # reported once, not at every sync point
+    written = sorted(images.iterdir())
+    assert [p.name.rsplit("-", 1)[1] for p in written] == ["actual.png", "diff.png", "expected.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+    assert f"images: {images}" in text

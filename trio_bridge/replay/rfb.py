@@ -1,0 +1,766 @@
+"""The ``rfb`` comparator: compares what a VNC session's screen shows, not its bytes.
+
+Two VNC servers showing the same picture send different bytes: they choose other
+encodings, cut the screen into other rectangles, send a change in one update or two.
+This comparator follows the RFB protocol (RFC 6143) on both sides, the recorded one and
+the live one:
+
+- the phases: ProtocolVersion, security (None and VNC authentication; the recorded
+  response is replayed), ClientInit/ServerInit, then client and server messages;
+- a framebuffer per side, painted by the server's FramebufferUpdates. The recorded side
+  is decoded from the encodings the recorded server chose among Raw, CopyRect, RRE and
+  Hextile; the live side is asked for Raw and CopyRect only: the recorded client's
+  SetEncodings is rewritten before it is sent (pseudo-encodings this module can skip,
+  such as the cursor shape, are kept: without them the server would draw the cursor
+  into the screen);
+- at each sync point (the live server has caught up with the recording before a client
+  message is sent, and at the end) the two screens are compared, and each region that
+  differs is reported once, with the colours seen there on each side. ``images``: a
+  folder where expected / actual / diff PNG images are written.
+
+Pacing: the live side has caught up when it reached the recorded side's phase and
+sent as many FramebufferUpdates, or has answered every update request sent to it.
+
+A recorded encoding or message this module cannot decode stops the screen comparison
+at that point (said in the report); the phases before it are still compared.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+
+from .compare import Finding
+from .messages import Message
+
+RAW, COPY_RECT, RRE, HEXTILE = 0, 1, 2, 5
+DECODED = {RAW, COPY_RECT, RRE, HEXTILE}
+LIVE_ENCODINGS = (RAW, COPY_RECT)  # asked of the live server: the simplest to decode
+CURSOR, X_CURSOR, DESKTOP_SIZE, LAST_RECT, POINTER_POS, EXT_DESKTOP_SIZE = (
+    -239, -240, -223, -224, -232, -308,
+)  # fmt: skip
+SKIPPED_PSEUDO = {CURSOR, X_CURSOR, DESKTOP_SIZE, LAST_RECT, POINTER_POS, EXT_DESKTOP_SIZE}
+# Quality and compression levels change no message's layout.
+LEVELS = {*range(-32, -22), *range(-256, -246)}
+TILE = 16  # the grid on which differing pixels are grouped into regions
+MAX_REGIONS = 8
+
+
+class Phase(IntEnum):
+    VERSION = 0
+    SECURITY = 1
+    AUTH = 2
+    INIT = 3
+    NORMAL = 4
+
+
+@dataclass(frozen=True)
+class PixelFormat:
+    bits: int = 32
+    depth: int = 24
+    big_endian: bool = False
+    true_colour: bool = True
+    maxima: tuple[int, int, int] = (255, 255, 255)
+    shifts: tuple[int, int, int] = (16, 8, 0)
+
+    @classmethod
+    def parse(cls, data: bytes) -> PixelFormat:
+        bits, depth, big, true, rm, gm, bm, rs, gs, bs = struct.unpack(">BBBBHHHBBB3x", data)
+        return cls(bits, depth, bool(big), bool(true), (rm, gm, bm), (rs, gs, bs))
+
+    @property
+    def size(self) -> int:
+        return max(self.bits // 8, 1)
+
+    def rgb(self, pixel: bytes, colours: dict[int, tuple[int, int, int]]) -> tuple[int, int, int]:
+        value = int.from_bytes(pixel, "big" if self.big_endian else "little")
+        if not self.true_colour:
+            return colours.get(value, (value, value, value))
+        return (
+            _channel(value, self.shifts[0], self.maxima[0]),
+            _channel(value, self.shifts[1], self.maxima[1]),
+            _channel(value, self.shifts[2], self.maxima[2]),
+        )
+
+
+def _channel(value: int, shift: int, maximum: int) -> int:
+    return ((value >> shift) & maximum) * 255 // maximum if maximum else 0
+
+
+class _NeedMore(Exception):
+    """The buffer ends inside what is being parsed: retry when more has arrived."""
+
+
+class Screen:
+    """A framebuffer: ``width`` x ``height`` pixels of ``pixel_format.size`` bytes."""
+
+    def __init__(self, width: int, height: int, pixel_format: PixelFormat) -> None:
+        self.resize(width, height, pixel_format)
+        self.colours: dict[int, tuple[int, int, int]] = {}
+
+    def resize(self, width: int, height: int, pixel_format: PixelFormat) -> None:
+        self.width, self.height, self.format = width, height, pixel_format
+        self.pixels = bytearray(width * height * pixel_format.size)
+
+    def _rows(self, x: int, y: int, w: int, h: int) -> Iterator[tuple[int, int]]:
+        """(start, end) in ``pixels`` of each row of the rectangle, clipped to the screen."""
+        size = self.format.size
+        x2, y2 = min(x + w, self.width), min(y + h, self.height)
+        if x >= x2:
+            return
+        for row in range(y, y2):
+            start = (row * self.width + x) * size
+            yield start, start + (x2 - x) * size
+
+    def fill(self, x: int, y: int, w: int, h: int, pixel: bytes) -> None:
+        for start, end in self._rows(x, y, w, h):
+            self.pixels[start:end] = pixel * ((end - start) // len(pixel))
+
+    def put(self, x: int, y: int, w: int, h: int, data: bytes) -> None:
+        """Raw pixels, row by row (``w`` pixels each), clipped to the screen."""
+        stride = w * self.format.size
+        for i, (start, end) in enumerate(self._rows(x, y, w, h)):
+            self.pixels[start:end] = data[i * stride : i * stride + end - start]
+
+    def copy(self, source_x: int, source_y: int, x: int, y: int, w: int, h: int) -> None:
+        rows = [bytes(self.pixels[s:e]) for s, e in self._rows(source_x, source_y, w, h)]
+        for (start, end), row in zip(self._rows(x, y, w, h), rows, strict=False):
+            self.pixels[start:end] = row[: end - start]
+
+    def pixel(self, x: int, y: int) -> bytes:
+        size = self.format.size
+        start = (y * self.width + x) * size
+        return bytes(self.pixels[start : start + size])
+
+    def rgb_rows(self) -> Iterator[bytes]:
+        """The screen as 8-bit RGB, row by row (for images)."""
+        size, cache = self.format.size, dict[bytes, bytes]()
+        for y in range(self.height):
+            row = self.pixels[y * self.width * size : (y + 1) * self.width * size]
+            out = bytearray()
+            for i in range(0, len(row), size):
+                pixel = bytes(row[i : i + size])
+                if (rgb := cache.get(pixel)) is None:
+                    rgb = cache[pixel] = bytes(self.format.rgb(pixel, self.colours))
+                out += rgb
+            yield bytes(out)
+
+
+class RfbSide:
+    """One side of an RFB session, from its two byte streams: where the protocol is, and
+    the screen the client would show. ``stopped`` says why decoding stopped, if it did."""
+
+    def __init__(self) -> None:
+        self.phase = Phase.VERSION
+        self.version = b""
+        self.minor = 8
+        self.security_types: tuple[int, ...] = ()
+        self.security: int | None = None  # the type the client chose (or 3.3's server)
+        self.security_result: int | None = None
+        self.screen: Screen | None = None
+        self.name = b""
+        self.pixel_format = PixelFormat()
+        self.updates = 0  # complete FramebufferUpdates
+        self.full_updates = 0  # of which covered the whole screen
+        self.requests = 0  # FramebufferUpdateRequests the client sent
+        self.stopped = ""
+        self._server = bytearray()
+        self._challenged = False
+        self._rects_left = 0
+        self._update_area = 0
+        self._client = bytearray()
+        self._client_phase = Phase.VERSION
+        self._client_stopped = False
+
+    # -- the server's stream --------------------------------------------------------------
+
+    def from_server(self, data: bytes) -> None:
+        self._server += data
+        self._parse_server()
+
+    def _parse_server(self) -> None:
+        while self._server and not self.stopped:
+            try:
+                used = self._server_step()
+            except _NeedMore:
+                return
+            if used is None:
+                return  # waits for the client's side (its security choice)
+            del self._server[:used]
+
+    def _server_step(self) -> int | None:
+        """Parse one unit at the start of the server buffer; the bytes it used."""
+        buffer = self._server
+        if self.phase is Phase.VERSION:
+            _need(buffer, 12)
+            self.version = bytes(buffer[:12])
+            digits = self.version[8:11]
+            self.minor = min(int(digits), 8) if digits.isdigit() else 8
+            self.phase = Phase.SECURITY
+            return 12
+        if self.phase is Phase.SECURITY:
+            return self._security_types()
+        if self.phase is Phase.AUTH:
+            return self._authentication()
+        if self.phase is Phase.INIT:
+            return self._server_init()
+        if self._rects_left:
+            return self._rectangle()
+        return self._server_message()
+
+    def _security_types(self) -> int:
+        buffer = self._server
+        if self.minor < 7:  # 3.3: the server decides
+            _need(buffer, 4)
+            (self.security,) = struct.unpack_from(">I", buffer)
+            self.security_types = (self.security,)
+            used = 4
+        else:
+            _need(buffer, 1)
+            count = buffer[0]
+            _need(buffer, 1 + count)
+            self.security_types = tuple(buffer[1 : 1 + count])
+            used = 1 + count
+        if not self.security_types or self.security_types == (0,):
+            self.stopped = "the server refused the connection (no security type)"
+        self.phase = Phase.AUTH
+        return used
+
+    def _authentication(self) -> int | None:
+        if self.security is None:
+            return None
+        buffer = self._server
+        if self.security == 2:  # VNC authentication: a challenge, then the result
+            if not self._challenged:
+                _need(buffer, 16)
+                self._challenged = True
+                return 16
+        elif self.security != 1:
+            self.stopped = f"security type {self.security} is not understood"
+            return 0
+        if self.security == 1 and self.minor < 8:
+            self.phase = Phase.INIT  # 3.3 and 3.7 send no result for None
+            return 0
+        _need(buffer, 4)
+        (self.security_result,) = struct.unpack_from(">I", buffer)
+        if self.security_result != 0:
+            self.stopped = "the server refused the authentication"
+        self.phase = Phase.INIT
+        return 4
+
+    def _server_init(self) -> int:
+        buffer = self._server
+        _need(buffer, 24)
+        width, height = struct.unpack_from(">HH", buffer)
+        length = int(struct.unpack_from(">I", buffer, 20)[0])
+        _need(buffer, 24 + length)
+        self.pixel_format = PixelFormat.parse(bytes(buffer[4:20]))
+        self.name = bytes(buffer[24 : 24 + length])
+        self.screen = Screen(width, height, self.pixel_format)
+        self.phase = Phase.NORMAL
+        return 24 + length
+
+    def _server_message(self) -> int:
+        buffer = self._server
+        kind = buffer[0]
+        if kind == 0:  # FramebufferUpdate
+            _need(buffer, 4)
+            (self._rects_left,) = struct.unpack_from(">H", buffer, 2)
+            self._update_area = 0
+            if not self._rects_left:
+                self._update_done()
+            return 4
+        if kind == 1:  # SetColourMapEntries
+            _need(buffer, 6)
+            first, count = (int(v) for v in struct.unpack_from(">HH", buffer, 2))
+            _need(buffer, 6 + 6 * count)
+            assert self.screen is not None
+            for i in range(count):
+                r, g, b = struct.unpack_from(">HHH", buffer, 6 + 6 * i)
+                self.screen.colours[first + i] = (r >> 8, g >> 8, b >> 8)
+            return 6 + 6 * count
+        if kind == 2:  # Bell
+            return 1
+        if kind == 3:  # ServerCutText
+            _need(buffer, 8)
+            length = int(struct.unpack_from(">i", buffer, 4)[0])
+            _need(buffer, 8 + abs(length))
+            return 8 + abs(length)
+        self.stopped = f"server message type {kind} is not understood"
+        return 0
+
+    def _update_done(self) -> None:
+        self.updates += 1
+        screen = self.screen
+        if screen is not None and self._update_area >= screen.width * screen.height:
+            self.full_updates += 1
+
+    def _rectangle(self) -> int:
+        buffer, screen = self._server, self.screen
+        assert screen is not None
+        _need(buffer, 12)
+        x, y, w, h, encoding = struct.unpack_from(">HHHHi", buffer)
+        body = memoryview(buffer)[12:]
+        try:
+            used = self._decode(encoding, x, y, w, h, body)
+        finally:
+            body.release()
+        if used < 0:
+            return 0
+        self._rects_left -= 1
+        if encoding == LAST_RECT:
+            self._rects_left = 0
+        if encoding >= 0:
+            self._update_area += w * h
+        if not self._rects_left:
+            self._update_done()
+        return 12 + used
+
+    def _decode(self, encoding: int, x: int, y: int, w: int, h: int, body: memoryview) -> int:
+        """Paint one rectangle; the bytes of its body (-1: not decodable, ``stopped``)."""
+        screen = self.screen
+        assert screen is not None
+        size = screen.format.size
+        if encoding == RAW:
+            _need(body, w * h * size)
+            screen.put(x, y, w, h, bytes(body[: w * h * size]))
+            return w * h * size
+        if encoding == COPY_RECT:
+            _need(body, 4)
+            source_x, source_y = struct.unpack_from(">HH", body)
+            screen.copy(source_x, source_y, x, y, w, h)
+            return 4
+        if encoding == RRE:
+            return _rre(screen, x, y, w, h, body)
+        if encoding == HEXTILE:
+            return _hextile(screen, x, y, w, h, body)
+        if encoding in (DESKTOP_SIZE, EXT_DESKTOP_SIZE):
+            used = 0
+            if encoding == EXT_DESKTOP_SIZE:
+                _need(body, 4)
+                used = 4 + 16 * body[0]
+                _need(body, used)
+            screen.resize(w, h, screen.format)
+            return used
+        if encoding == CURSOR:
+            return _need(body, w * h * size + (w + 7) // 8 * h)
+        if encoding == X_CURSOR:
+            return _need(body, 6 + (w + 7) // 8 * h * 2) if w * h else 0
+        if encoding in (LAST_RECT, POINTER_POS):
+            return 0
+        self.stopped = f"encoding {encoding} is not decoded (in an update at {x},{y} {w}x{h})"
+        return -1
+
+    # -- the client's stream --------------------------------------------------------------
+
+    def from_client(self, data: bytes, rewrite: bool = False) -> bytes:
+        """Follow what the client sent; returns it, with SetEncodings rewritten to the
+        live encodings when ``rewrite``. What the parser does not understand passes
+        unchanged (and ends the following)."""
+        if self._client_stopped:
+            return data
+        self._client += data
+        out = bytearray()
+        while self._client and not self._client_stopped:
+            try:
+                used, replacement = self._client_step(rewrite)
+            except _NeedMore:
+                break
+            out += replacement if replacement is not None else self._client[:used]
+            del self._client[:used]
+        if self._client_stopped:
+            out += self._client
+            self._client.clear()
+        self._parse_server()  # it may have waited for the client's choice
+        return bytes(out)
+
+    def _client_step(self, rewrite: bool) -> tuple[int, bytes | None]:
+        buffer = self._client
+        phase = self._client_phase
+        if phase is Phase.VERSION:
+            _need(buffer, 12)
+            version = bytes(buffer[8:11])
+            minor = min(int(version), 8) if version.isdigit() else 8
+            self.minor = min(self.minor, minor)
+            self._client_phase = Phase.SECURITY if self.minor >= 7 else Phase.AUTH
+            return 12, None
+        if phase is Phase.SECURITY:
+            self.security = buffer[0]
+            self._client_phase = Phase.AUTH
+            return 1, None
+        if phase is Phase.AUTH:
+            if self.security == 2:
+                _need(buffer, 16)
+                self._client_phase = Phase.INIT
+                return 16, None
+            if self.security is None and self.minor < 7:
+                raise _NeedMore  # 3.3: the server has not said yet
+            self._client_phase = Phase.INIT
+            return 0, None
+        if phase is Phase.INIT:
+            self._client_phase = Phase.NORMAL
+            return 1, None
+        return self._client_message(rewrite)
+
+    def _client_message(self, rewrite: bool) -> tuple[int, bytes | None]:
+        buffer = self._client
+        kind = buffer[0]
+        sizes = {3: 10, 4: 8, 5: 6, 150: 10}
+        if kind in sizes:
+            _need(buffer, sizes[kind])
+            self.requests += kind == 3
+            return sizes[kind], None
+        if kind == 0:  # SetPixelFormat
+            _need(buffer, 20)
+            self.pixel_format = PixelFormat.parse(bytes(buffer[4:20]))
+            if self.screen is not None:
+                self.screen.resize(self.screen.width, self.screen.height, self.pixel_format)
+            return 20, None
+        if kind == 2:  # SetEncodings
+            _need(buffer, 4)
+            count = int(struct.unpack_from(">H", buffer, 2)[0])
+            _need(buffer, 4 + 4 * count)
+            encodings = struct.unpack_from(f">{count}i", buffer, 4)
+            return 4 + 4 * count, _set_encodings(encodings) if rewrite else None
+        if kind == 6:  # ClientCutText
+            _need(buffer, 8)
+            length = int(struct.unpack_from(">i", buffer, 4)[0])
+            _need(buffer, 8 + abs(length))
+            return 8 + abs(length), None
+        self._client_stopped = True
+        return 0, None
+
+
+def _set_encodings(encodings: tuple[int, ...]) -> bytes:
+    """The live SetEncodings: Raw and CopyRect, then the recorded pseudo-encodings this
+    module can skip (cursor shape, desktop size, ...) and levels, in the recorded order."""
+    kept = [e for e in encodings if e in SKIPPED_PSEUDO or e in LEVELS]
+    chosen = [*LIVE_ENCODINGS, *kept]
+    return struct.pack(f">BxH{len(chosen)}i", 2, len(chosen), *chosen)
+
+
+def _need(buffer: bytes | bytearray | memoryview, count: int) -> int:
+    if len(buffer) < count:
+        raise _NeedMore
+    return count
+
+
+def _rre(screen: Screen, x: int, y: int, w: int, h: int, body: memoryview) -> int:
+    size = screen.format.size
+    _need(body, 4 + size)
+    count = int(struct.unpack_from(">I", body)[0])
+    used = 4 + size + count * (size + 8)
+    _need(body, used)
+    screen.fill(x, y, w, h, bytes(body[4 : 4 + size]))
+    position = 4 + size
+    for _ in range(count):
+        pixel = bytes(body[position : position + size])
+        sx, sy, sw, sh = struct.unpack_from(">HHHH", body, position + size)
+        screen.fill(x + sx, y + sy, sw, sh, pixel)
+        position += size + 8
+    return used
+
+
+def _hextile(screen: Screen, x: int, y: int, w: int, h: int, body: memoryview) -> int:
+    """RFC 6143 7.7.4: 16x16 tiles, each raw or a background with subrectangles. The
+    whole rectangle is checked present before anything is painted (atomic retry)."""
+    size = screen.format.size
+    tiles = [
+        (tx, ty, min(TILE, x + w - tx), min(TILE, y + h - ty))
+        for ty in range(y, y + h, TILE)
+        for tx in range(x, x + w, TILE)
+    ]
+    paints: list[tuple[str, int, int, int, int, bytes]] = []
+    position, background, foreground = 0, b"\0" * size, b"\0" * size
+    for tx, ty, tw, th in tiles:
+        _need(body, position + 1)
+        flags = body[position]
+        position += 1
+        if flags & 1:  # Raw
+            _need(body, position + tw * th * size)
+            end = position + tw * th * size
+            paints.append(("put", tx, ty, tw, th, bytes(body[position:end])))
+            position = end
+            continue
+        if flags & 2:
+            _need(body, position + size)
+            background = bytes(body[position : position + size])
+            position += size
+        paints.append(("fill", tx, ty, tw, th, background))
+        if flags & 4:
+            _need(body, position + size)
+            foreground = bytes(body[position : position + size])
+            position += size
+        if not flags & 8:
+            continue
+        _need(body, position + 1)
+        count = body[position]
+        position += 1
+        coloured = bool(flags & 16)
+        for _ in range(count):
+            colour = foreground
+            if coloured:
+                _need(body, position + size)
+                colour = bytes(body[position : position + size])
+                position += size
+            _need(body, position + 2)
+            xy, wh = body[position], body[position + 1]
+            position += 2
+            sub = (tx + (xy >> 4), ty + (xy & 15), (wh >> 4) + 1, (wh & 15) + 1)
+            paints.append(("fill", *sub, colour))
+    for how, px, py, pw, ph, data in paints:
+        (screen.put if how == "put" else screen.fill)(px, py, pw, ph, data)
+    return position
+
+
+# -- comparing two screens -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Region:
+    x: int
+    y: int
+    width: int
+    height: int
+    pixels: int  # how many differ
+    expected: tuple[int, int, int]  # the most common colour there, each side
+    got: tuple[int, int, int]
+
+    def describe(self) -> str:
+        return (
+            f"region x={self.x} y={self.y} {self.width}x{self.height}: {self.pixels} pixels "
+            f"differ; expected mostly {_rgb(self.expected)}, got mostly {_rgb(self.got)}"
+        )
+
+
+def _rgb(colour: tuple[int, int, int]) -> str:
+    return "rgb({},{},{}) #{:02x}{:02x}{:02x}".format(*colour, *colour)
+
+
+def differing_regions(expected: Screen, got: Screen) -> list[Region]:
+    """The regions where two screens of one size and format differ: differing 16x16
+    tiles, grouped into connected areas, each reported by its bounding box."""
+    tiles = _differing_tiles(expected, got)
+    regions = []
+    while tiles:
+        group = _connected(tiles)
+        tiles -= group
+        regions.append(_region(expected, got, group))
+    regions.sort(key=lambda r: (-r.pixels, r.y, r.x))
+    return regions
+
+
+def _differing_tiles(expected: Screen, got: Screen) -> set[tuple[int, int]]:
+    size, width = expected.format.size, expected.width
+    tiles: set[tuple[int, int]] = set()
+    row_bytes = width * size
+    for y in range(expected.height):
+        start = y * row_bytes
+        a = expected.pixels[start : start + row_bytes]
+        b = got.pixels[start : start + row_bytes]
+        if a == b:
+            continue
+        step = TILE * size
+        for column in range(0, row_bytes, step):
+            if a[column : column + step] != b[column : column + step]:
+                tiles.add((column // step, y // TILE))
+    return tiles
+
+
+def _connected(tiles: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    start = min(tiles, key=lambda t: (t[1], t[0]))
+    group, todo = {start}, [start]
+    while todo:
+        tx, ty = todo.pop()
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                neighbour = (tx + dx, ty + dy)
+                if neighbour in tiles and neighbour not in group:
+                    group.add(neighbour)
+                    todo.append(neighbour)
+    return group
+
+
+def _region(expected: Screen, got: Screen, group: set[tuple[int, int]]) -> Region:
+    """The exact bounding box and counts of the differing pixels in ``group``'s tiles."""
+    ours: Counter[bytes] = Counter()
+    theirs: Counter[bytes] = Counter()
+    left, top, right, bottom = expected.width, expected.height, -1, -1
+    for tx, ty in group:
+        for y in range(ty * TILE, min((ty + 1) * TILE, expected.height)):
+            for x in range(tx * TILE, min((tx + 1) * TILE, expected.width)):
+                a, b = expected.pixel(x, y), got.pixel(x, y)
+                if a != b:
+                    ours[a] += 1
+                    theirs[b] += 1
+                    left, top = min(left, x), min(top, y)
+                    right, bottom = max(right, x), max(bottom, y)
+    rgb = expected.format.rgb
+    return Region(
+        left,
+        top,
+        right - left + 1,
+        bottom - top + 1,
+        sum(ours.values()),
+        rgb(ours.most_common(1)[0][0], expected.colours),
+        rgb(theirs.most_common(1)[0][0], got.colours),
+    )
+
+
+def write_png(path: Path, width: int, height: int, rows: Iterator[bytes]) -> None:
+    """An 8-bit RGB PNG (no filter): enough for a screen, with zlib and no dependency."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    raw = b"".join(b"\0" + row for row in rows)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _diff_rows(expected: Screen, got: Screen) -> Iterator[bytes]:
+    """The expected screen, dimmed, with the differing pixels in red."""
+    size = expected.format.size
+    for y, row in enumerate(expected.rgb_rows()):
+        out = bytearray(channel // 3 for channel in row)
+        start = y * expected.width * size
+        a = expected.pixels[start : start + expected.width * size]
+        b = got.pixels[start : start + expected.width * size]
+        if a != b:
+            for x in range(expected.width):
+                if a[x * size : (x + 1) * size] != b[x * size : (x + 1) * size]:
+                    out[3 * x : 3 * x + 3] = b"\xff\x00\x00"
+        yield bytes(out)
+
+
+# -- the comparator ----------------------------------------------------------------------------
+
+
+@dataclass
+class RfbComparator:
+    """The ``rfb`` comparator (the module doc says what it does)."""
+
+    images: Path | None = None
+    name: str = "rfb"
+    recorded: RfbSide = field(default_factory=RfbSide)
+    live: RfbSide = field(default_factory=RfbSide)
+    found: list[Finding] = field(default_factory=list)
+    syncs: int = 0
+    _reported: set[object] = field(default_factory=set)
+    _last_time_us: int = 0
+
+    def client_sends(self, payload: bytes) -> bytes:
+        self.recorded.from_client(payload)
+        return self.live.from_client(payload, rewrite=True)
+
+    def expect(self, message: Message) -> None:
+        self._last_time_us = message.time_us
+        self.recorded.from_server(message.payload)
+
+    def receive(self, message: Message) -> None:
+        self.live.from_server(message.payload)
+
+    def caught_up(self) -> bool:
+        live, recorded = self.live, self.recorded
+        if live.stopped or recorded.stopped:
+            return True  # nothing to follow further: the recorded timing paces
+        if live.phase != recorded.phase:
+            return live.phase > recorded.phase
+        if live.phase is not Phase.NORMAL:
+            return True
+        return live.updates >= recorded.updates or live.updates >= live.requests
+
+    def sync(self) -> None:
+        """A sync point: compare the phases reached so far, and the screens."""
+        self.syncs += 1
+        self._compare_phases()
+        self._compare_screens()
+
+    def findings(self) -> list[Finding]:
+        self.sync()
+        for side, label in ((self.recorded, "recorded"), (self.live, "live")):
+            if side.stopped:
+                self._report(
+                    ("stopped", label, side.stopped),
+                    f"@@ rfb: the {label} session's screen is not followed further: "
+                    f"{side.stopped} @@",
+                )
+        if self.recorded.updates and not self.live.updates:
+            self._report("no updates", "@@ rfb: the live server sent no FramebufferUpdate @@")
+        return self.found
+
+    def _report(self, key: object, heading: str, *body: str) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            self.found.append(Finding(heading, body))
+
+    def _compare_phases(self) -> None:
+        recorded, live = self.recorded, self.live
+        checks = [
+            ("version", Phase.SECURITY, recorded.version, live.version),
+            ("security types", Phase.AUTH, recorded.security_types, live.security_types),
+            ("security result", Phase.INIT, recorded.security_result, live.security_result),
+        ]
+        for what, reached, ours, theirs in checks:
+            if live.phase >= reached and recorded.phase >= reached and ours != theirs:
+                self._report(what, f"@@ rfb {what}: recorded {ours!r}, got {theirs!r} @@")
+        if recorded.screen is not None and live.screen is not None:
+            a, b = recorded.screen, live.screen
+            if (a.width, a.height) != (b.width, b.height):
+                self._report(
+                    ("size", a.width, a.height, b.width, b.height),
+                    f"@@ rfb screen size: recorded {a.width}x{a.height}, "
+                    f"got {b.width}x{b.height} @@",
+                )
+
+    def _compare_screens(self) -> None:
+        a, b = self.recorded.screen, self.live.screen
+        if a is None or b is None or (self.recorded.stopped and self.syncs > 1):
+            return
+        if (a.width, a.height, a.format) != (b.width, b.height, b.format):
+            return
+        if a.pixels == b.pixels:
+            return
+        regions = differing_regions(a, b)
+        key = ("screen", tuple((r.x, r.y, r.width, r.height, r.expected, r.got) for r in regions))
+        if key in self._reported:
+            return
+        body = [f"  {r.describe()}" for r in regions[:MAX_REGIONS]]
+        if len(regions) > MAX_REGIONS:
+            body.append(f"  ... and {len(regions) - MAX_REGIONS} more regions")
+        if self.images is not None:
+            body.append(f"  {self._write_images(a, b)}")
+        self._report(
+            key,
+            f"@@ rfb screen at sync point {self.syncs} (after {self.recorded.updates} recorded "
+            f"and {self.live.updates} live FramebufferUpdates, recording at "
+            f"{self._last_time_us / 1e6:.3f} s): "
+            f"{'1 region differs' if len(regions) == 1 else f'{len(regions)} regions differ'} @@",
+            *body,
+        )
+
+    def _write_images(self, expected: Screen, got: Screen) -> str:
+        assert self.images is not None
+        self.images.mkdir(parents=True, exist_ok=True)
+        stem = self.images / f"screen-{self.syncs}"
+        names = []
+        for suffix, rows in (
+            ("expected", expected.rgb_rows()),
+            ("actual", got.rgb_rows()),
+            ("diff", _diff_rows(expected, got)),
+        ):
+            path = stem.with_name(f"{stem.name}-{suffix}.png")
+            write_png(path, expected.width, expected.height, rows)
+            names.append(str(path))
+        return "images: " + ", ".join(names)
