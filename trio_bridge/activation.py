@@ -119,7 +119,7 @@ def _systemd_fds() -> dict[int, str]:
 def _from_systemd(fds: dict[int, str], serve_roles: Collection[Role]) -> InheritedSockets:
     inherited = InheritedSockets("systemd")
     for fd, name in sorted(fds.items()):
-        sock, role = _adopt(fd, name, serve_roles)
+        sock, role = adopt(fd, name, serve_roles)
         if role is Role.CONNECTION:
             if len(fds) > 1:
                 raise ActivationError(
@@ -134,7 +134,7 @@ def _from_systemd(fds: dict[int, str], serve_roles: Collection[Role]) -> Inherit
     return inherited
 
 
-def _adopt(fd: int, name: str, serve_roles: Collection[Role]) -> tuple[socket.socket, Role]:
+def adopt(fd: int, name: str, serve_roles: Collection[Role]) -> tuple[socket.socket, Role]:
     """Wrap ``fd`` in a socket object after checking it can serve the role ``name`` gives."""
     label = f"fd {fd}" if _unnamed(name) else f"fd {fd} (FileDescriptorName={name})"
     role = _role(label, name, serve_roles)

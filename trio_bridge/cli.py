@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from .logs import EscapeControlCharacters
 from .service import run
 from .systemd import LOG_DESTINATIONS, log_handler
 from .version import __version__
+from .workers import run_worker, serve_with_workers, sockets_from_main, worker_count
 from .wrap import split_command
 
 log = logging.getLogger("trio_bridge")
@@ -233,7 +235,21 @@ def add_web_wrap_metrics_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="[HOST:]PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default host 127.0.0.1)",
     )
+    parser.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N|auto",
+        help="N processes accepting on the same sockets; auto: one per CPU (default: 1)",
+    )
     parser.set_defaults(wrap_command=[])
+
+
+def _workers(text: str) -> int:
+    try:
+        return worker_count(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 1 or auto") from None
 
 
 def _add_security_arguments(parser: argparse.ArgumentParser, defaults: Limits) -> None:
@@ -513,6 +529,7 @@ def config_from_args(args: argparse.Namespace, *, sockets_inherited: bool = Fals
         wrap=wrap,
         metrics_listen=metrics,
         record=args.record,
+        workers=args.workers,
     )
 
 
@@ -536,12 +553,14 @@ def _leaves(group: BaseExceptionGroup[StartupError]) -> list[StartupError]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv, command = split_command(sys.argv[1:] if argv is None else argv)
+    line = sys.argv[1:] if argv is None else argv
+    argv, command = split_command(line)
     args = parser.parse_intermixed_args(argv)
     args.wrap_command = command
     try:
         # First: LISTEN_FDS is read (and unset) once, and decides whether to bind.
-        inherited = inherited_sockets(serve_roles=(Role.WS, Role.WSS, Role.METRICS))
+        from_main = sockets_from_main()  # a --workers worker's sockets
+        inherited = from_main or inherited_sockets(serve_roles=(Role.WS, Role.WSS, Role.METRICS))
         setup_logging(args.verbose, args.log)
     except StartupError as exc:
         print(f"trio-bridge: {exc}", file=sys.stderr)
@@ -562,7 +581,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ConfigError as exc:  # what only building the parts finds: a plugin, a pattern
         parser.error(str(exc))
-    return _run(addons, inherited)
+    if service.workers > 1:
+        try:
+            return serve_with_workers(service, inherited, line)
+        except StartupError as exc:
+            print(f"trio-bridge: {exc}", file=sys.stderr)
+            return 1
+    if from_main is not None:
+        return _run(run_worker, addons, from_main)
+    return _run(run, addons, inherited)
 
 
 def _compose(service: ServiceConfig, inherited: InheritedSockets | None) -> Addons:
@@ -572,16 +599,22 @@ def _compose(service: ServiceConfig, inherited: InheritedSockets | None) -> Addo
     if inherited is not None and inherited.connection is not None and service.wrap is not None:
         # One process per connection cannot supervise a long-lived wrapped program.
         raise StartupError("wrap mode cannot serve an Accept=yes connection")
+    if inherited is not None and inherited.connection is not None and service.workers > 1:
+        raise StartupError("--workers share listening sockets; an Accept=yes connection is one")
     metrics_sockets = inherited.listening(Role.METRICS) if inherited is not None else ()
     return Addons(service, metrics_listeners=metrics_sockets)
 
 
-def _run(addons: Addons, inherited: InheritedSockets | None) -> int:
+def _run(
+    serve: Callable[[Addons, InheritedSockets | None], Awaitable[None]],
+    addons: Addons,
+    inherited: InheritedSockets | None,
+) -> int:
     """Serve; the exit status: 0, the wrapped program's in ``exit`` mode, or 1."""
     failures: list[StartupError] = []
     status = 0
     try:
-        trio.run(run, addons, inherited)
+        trio.run(serve, addons, inherited)
     except* WrappedProgramExited as group:
         status = WrappedProgramExited.status_of(group)
     except* StartupError as group:

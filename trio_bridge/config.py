@@ -247,7 +247,8 @@ class ServiceConfig:
     ``web``: plain HTTP files on the WebSocket port (docs/web.md); ``health_path``: the
     load balancers' endpoint; ``wrap``: a program the bridge starts and relays to
     (docs/wrap-mode.md); ``metrics_listen``: Prometheus (docs/metrics.md); ``record``:
-    one recording per session in this folder (docs/recording-format.md).
+    one recording per session in this folder (docs/recording-format.md); ``workers``:
+    that many bridge processes on the same listening sockets (docs/scaling.md).
     """
 
     bridge: Config
@@ -259,9 +260,14 @@ class ServiceConfig:
     wrap: WrapConfig | None = None
     metrics_listen: TcpAddress | None = None
     record: Path | None = None
+    workers: int = 1  # processes accepting on the same sockets (trio_bridge.workers)
 
     def __post_init__(self) -> None:
         bridge = self.bridge
+        if self.workers < 1:
+            raise ConfigError(f"--workers: must be 1 or more, got {self.workers}")
+        if self.workers > 1 and self.wrap is not None:
+            raise ConfigError("wrap mode runs one program for one bridge: drop --workers")
         if self.web is None and (self.web_listing or self.web_auth or self.file_only):
             raise ConfigError("--web-listing, --web-auth and --file-only need --web DIR")
         if self.web_auth and not bridge.auth:

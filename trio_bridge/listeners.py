@@ -123,4 +123,6 @@ def describe(sock: socket.socket) -> str:
         return f"[{name[0]}]:{name[1]}"
     if sock.family == socket.AF_INET:
         return f"{name[0]}:{name[1]}"
+    if isinstance(name, bytes):  # an abstract address: a NUL, then the name
+        return f"unix:@{name[1:].decode(errors='replace')}"
     return f"unix:{name}"

@@ -20,7 +20,7 @@ import functools
 import logging
 import socket
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -199,8 +199,16 @@ class MetricsServer:
     whoever can reach that address, whatever the public port serves.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        before_scrape: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """``before_scrape``: fetch what the registry's collectors read (the main
+        process of ``--workers`` asks every worker)."""
         self.registry = registry
+        self.before_scrape = before_scrape
         self._slots = trio.CapacityLimiter(MAX_CONCURRENT_SCRAPES)
         self.address = ""
 
@@ -241,6 +249,8 @@ class MetricsServer:
             try:
                 with trio.move_on_after(REQUEST_TIMEOUT):
                     request = await read_request(stream)
+                    if request is not None and self.before_scrape is not None:
+                        await self.before_scrape()
                     if request is not None:
                         await stream.send_all(self._answer(request).serialize())
             except (trio.BrokenResourceError, trio.ClosedResourceError):
