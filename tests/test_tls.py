@@ -3,6 +3,8 @@ certificates made in the test: good, expired, from the wrong CA, missing."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import signal
 import ssl
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
+from cryptography.hazmat.primitives import serialization
 from websockets.trio.client import connect
 from websockets.typing import Subprotocol
 
@@ -338,3 +341,186 @@ async def test_close_paths_over_tls(
                 assert await ws.recv() == b"bye"
             else:
                 await check_echo(ws, b"still serving")
+
+
+# -- encrypted keys: --key-password from a file, the environment, a systemd credential ------
+
+
+class EncryptedKey:
+    """A certificate for 127.0.0.1 and its key, encrypted with a password, in two files."""
+
+    def __init__(self, folder: Path, ca: trustme.CA) -> None:
+        self.cert = folder / "cert.pem"
+        self.key = folder / "key.pem"
+        self.renew(ca, b"unused")
+
+    def renew(self, ca: trustme.CA, password: bytes, *, traditional: bool = False) -> None:
+        """A new certificate from ``ca``, its key encrypted with ``password`` (PKCS#8, or
+        OpenSSL's traditional PEM with its Proc-Type header)."""
+        leaf = ca.issue_cert("127.0.0.1", "localhost")
+        self.cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+        key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
+        fmt = (
+            serialization.PrivateFormat.TraditionalOpenSSL
+            if traditional
+            else serialization.PrivateFormat.PKCS8
+        )
+        encryption = serialization.BestAvailableEncryption(password)
+        self.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, fmt, encryption))
+
+    def settings(self, source: str | None) -> TlsSettings:
+        return TlsSettings(cert=str(self.cert), key=str(self.key), key_password=source)
+
+
+@pytest.mark.parametrize("kind", ["file", "env", "credential"])
+async def test_an_encrypted_key_opens_with_its_password_from(
+    kind: str,
+    start_bridge: BridgeStarter,
+    echo_target: TcpTarget,
+    pki: Pki,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    password = secrets.token_urlsafe(16)
+    key = EncryptedKey(tmp_path, pki.ca)
+    key.renew(pki.ca, password.encode(), traditional=kind == "env")
+    if kind == "file":
+        (tmp_path / "password").write_text(password + "\n")  # as echo writes it
+        source = f"file:{tmp_path / 'password'}"
+    elif kind == "env":
+        monkeypatch.setenv("TRIO_BRIDGE_TEST_KEY_PASSWORD", password)
+        source = "env:TRIO_BRIDGE_TEST_KEY_PASSWORD"
+    else:
+        credentials = tmp_path / "credentials"  # what systemd's LoadCredential= makes
+        credentials.mkdir()
+        (credentials / "tls-key-password").write_text(password)
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+        source = "credential:tls-key-password"
+    running = await start_bridge(echo_target.address, tls=key.settings(source))
+    with trio.fail_after(10):
+        async with connect(
+            wss(running.port), ssl=pki.client_context(), subprotocols=[Subprotocol("binary")]
+        ) as ws:
+            await check_echo(ws, f"key password from {kind}".encode())
+
+
+def test_key_password_errors_name_the_source_never_the_password(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = EncryptedKey(tmp_path, pki.ca)
+    key.renew(pki.ca, b"correct horse")
+    with pytest.raises(
+        ConfigError, match="encrypted and trio-bridge cannot ask for its passphrase"
+    ):
+        server_context(key.settings(None))
+    wrong, empty = tmp_path / "wrong", tmp_path / "empty"
+    wrong.write_text("battery staple\n")
+    empty.write_text("\n")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.delenv("TRIO_BRIDGE_TEST_UNSET", raising=False)
+    cases = [
+        (f"file:{wrong}", f"decrypted with the password from --key-password file:{wrong}"),
+        (f"file:{tmp_path / 'nope'}", f"cannot read {tmp_path / 'nope'}: No such file"),
+        (f"file:{empty}", f"--key-password file:{empty}: the password is empty"),
+        ("env:TRIO_BRIDGE_TEST_UNSET", "the environment variable TRIO_BRIDGE_TEST_UNSET is not"),
+        ("credential:tls-key", "$CREDENTIALS_DIRECTORY is not set"),
+    ]
+    for source, message in cases:
+        with pytest.raises(ConfigError) as failure:
+            server_context(key.settings(source))
+        text = str(failure.value)
+        assert message in text and "\n" not in text, text
+        assert "battery" not in text and "horse" not in text, text
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    with pytest.raises(ConfigError, match=f"cannot read {credentials}/tls-key: No such file"):
+        server_context(key.settings("credential:tls-key"))
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["correct horse", "file:", "env:", "env:1ABC", "env:A-B", "credential:", "credential:a/b",
+     "credential:..", "vault:secret"],
+)  # fmt: skip
+def test_key_password_takes_a_source_never_a_password(source: str, pki: Pki) -> None:
+    with pytest.raises(ConfigError, match="expected file:PATH, env:NAME or credential:NAME") as bad:
+        pki.settings(key_password=source)
+    secret = source.partition(":")[2] if ":" in source else source
+    assert not secret or secret not in str(bad.value)
+
+
+async def test_reload_rereads_the_key_password(
+    start_bridge: BridgeStarter, echo_target: TcpTarget, pki: Pki, tmp_path: Path
+) -> None:
+    key = EncryptedKey(tmp_path, pki.ca)
+    password = tmp_path / "password"
+    password.write_text("first password")
+    key.renew(pki.ca, b"first password")
+    running = await start_bridge(echo_target.address, tls=key.settings(f"file:{password}"))
+    renewed = trustme.CA()
+
+    async def reload() -> None:
+        for hook in running.bridge.reload_hooks():
+            await hook()
+
+    with trio.fail_after(10):
+        async with connect(wss(running.port), ssl=pki.client_context()) as ws:
+            await check_echo(ws, b"first key")
+        key.renew(renewed, b"second password")
+        password.write_text("second password")
+        await reload()
+        async with connect(wss(running.port), ssl=pki.client_context(trust=renewed)) as ws:
+            await check_echo(ws, b"second key, second password")
+        # A password that no longer opens the key: reported, and the previous key kept.
+        password.write_text("first password")
+        with pytest.raises(ConfigError, match="wrong password"):
+            await reload()
+        async with connect(wss(running.port), ssl=pki.client_context(trust=renewed)) as ws:
+            await check_echo(ws, b"kept")
+
+
+async def test_the_command_line_reads_a_systemd_credential_and_rereads_it_on_sighup(
+    pki: Pki, echo_target: TcpTarget, tmp_path: Path
+) -> None:
+    """``LoadCredential=tls-key-password:FILE`` in the unit, ``--key-password
+    credential:tls-key-password`` in OPTIONS: the real process, wss://, then SIGHUP."""
+    key = EncryptedKey(tmp_path, pki.ca)
+    key.renew(pki.ca, b"first password")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "tls-key-password").write_text("first password")
+    port = free_port()
+    argv = [sys.executable, "-m", "trio_bridge.cli", "--log", "stderr", "--cert", str(key.cert)]
+    argv += ["--key", str(key.key), "--key-password", "credential:tls-key-password"]
+    argv += [str(port), str(echo_target.address)]
+    env = {**os.environ, "CREDENTIALS_DIRECTORY": str(credentials)}
+    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE, env=env)
+    assert process.stderr is not None
+    output = bytearray()
+
+    async def wait_for_output(text: bytes) -> None:
+        assert process.stderr is not None
+        while text not in output:
+            chunk = await process.stderr.receive_some(65536)
+            assert chunk, f"trio-bridge exited: {output.decode()}"
+            output.extend(chunk)
+
+    renewed = trustme.CA()
+    try:
+        with trio.fail_after(20):
+            await wait_for_output(b"listening on")
+            async with connect(wss(port), ssl=pki.client_context()) as ws:
+                await check_echo(ws, b"before SIGHUP")
+            key.renew(renewed, b"second password")
+            (credentials / "tls-key-password").write_text("second password")
+            process.send_signal(signal.SIGHUP)
+            await wait_for_output(b"TLS: reloaded certificate")
+            async with connect(wss(port), ssl=pki.client_context(trust=renewed)) as ws:
+                await check_echo(ws, b"after SIGHUP")
+    finally:
+        process.terminate()
+        with trio.move_on_after(10):
+            await process.wait()
+        process.kill()
+    assert b"password" not in output.replace(b"--key-password", b"").replace(b"key-password", b"")

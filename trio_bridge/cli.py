@@ -257,6 +257,12 @@ def _add_security_arguments(parser: argparse.ArgumentParser, defaults: Limits) -
     tls = parser.add_argument_group("TLS (wss:// and ws:// on the same port)")
     tls.add_argument("--cert", metavar="FILE", help="PEM certificate chain: turns on wss://")
     tls.add_argument("--key", metavar="FILE", help="PEM private key, if not in --cert")
+    tls.add_argument(
+        "--key-password",
+        metavar="SOURCE",
+        help="an encrypted key's password from file:PATH, env:NAME or credential:NAME "
+        "(systemd's LoadCredential=); never the password itself",
+    )
     tls.add_argument("--ssl-only", action="store_true", help="refuse plain ws:// with HTTP 400")
     tls.add_argument(
         "--ssl-minimum-version",
@@ -361,6 +367,7 @@ def _security_fields(args: argparse.Namespace) -> dict[str, Any]:
         flag
         for flag, value in (
             ("--key", args.key),
+            ("--key-password", args.key_password),
             ("--ssl-only", args.ssl_only),
             ("--verify-client", args.verify_client),
             ("--cafile", args.cafile),
@@ -392,6 +399,7 @@ def _security_fields(args: argparse.Namespace) -> dict[str, Any]:
             ciphers=args.ssl_ciphers,
             verify_client=args.verify_client,
             cafile=args.cafile,
+            key_password=args.key_password,
         )
         if args.cert
         else None,

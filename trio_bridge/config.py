@@ -108,6 +108,8 @@ class TlsSettings:
     ``cafile`` alone verifies client certificates when clients present one;
     ``verify_client`` makes one mandatory (the handshake fails without it). The files
     are read when the bridge is built (:class:`~trio_bridge.tls.ServerTls`).
+    ``key_password`` says where an encrypted key's password is (``file:PATH``,
+    ``env:NAME``, ``credential:NAME``), never the password itself.
     """
 
     cert: str
@@ -117,8 +119,11 @@ class TlsSettings:
     ciphers: str | None = None
     verify_client: bool = False
     cafile: str | None = None
+    key_password: str | None = None
 
     def __post_init__(self) -> None:
+        if self.key_password is not None:
+            _check_password_source(self.key_password)
         if self.minimum_version not in TLS_VERSIONS:
             raise ConfigError(
                 f"--ssl-minimum-version: {self.minimum_version!r} is not one of 1.2, 1.3 "
@@ -126,6 +131,22 @@ class TlsSettings:
             )
         if self.verify_client and not self.cafile:
             raise ConfigError("--verify-client needs --cafile: the CAs of client certificates")
+
+
+def _check_password_source(source: str) -> None:
+    """``--key-password`` names where the password is: a password given on the command
+    line is visible to every local user (ps, /proc). The error never quotes ``source``."""
+    kind, _, name = source.partition(":")
+    plain_name = name not in ("", ".", "..") and "/" not in name
+    if not (
+        (kind == "file" and name)
+        or (kind == "env" and name.isascii() and name.isidentifier())
+        or (kind == "credential" and plain_name)
+    ):
+        raise ConfigError(
+            "--key-password: expected file:PATH, env:NAME or credential:NAME, never the "
+            "password itself (a command line is visible to every local user)"
+        )
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ certificate applies to new connections while open sessions keep theirs.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import ssl
@@ -52,6 +53,9 @@ class _Passphrase(Exception):
 
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----")
 _PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z]+ )*PRIVATE KEY-----")
+# PKCS#8 encryption, or the traditional (OpenSSL) PEM header of an encrypted key.
+_PEM_ENCRYPTED = re.compile(rb"-----BEGIN ENCRYPTED PRIVATE KEY-----|Proc-Type: 4,ENCRYPTED")
+PASSWORD_SOURCES = "file:PATH, env:NAME or credential:NAME"
 
 
 def _file_error(flag: str, path: str, exc: OSError) -> CertificateError:
@@ -75,8 +79,9 @@ def _ciphers_context(ciphers: str) -> ssl.SSLContext:
     return context
 
 
-def _check_pem(settings: TlsSettings) -> None:
-    """Say what is missing from which file: OpenSSL says "PEM lib" for all of it."""
+def _check_pem(settings: TlsSettings) -> bytes:
+    """Say what is missing from which file: OpenSSL says "PEM lib" for all of it.
+    Returns the PEM text that holds the key."""
     cert = _read("--cert", settings.cert)
     if not _PEM_CERTIFICATE.search(cert):
         raise CertificateError(
@@ -91,6 +96,41 @@ def _check_pem(settings: TlsSettings) -> None:
             f"{flag} {path}: no PEM private key in this file{where} "
             "(expected -----BEGIN PRIVATE KEY-----)"
         )
+    return key
+
+
+def key_password(source: str) -> bytes:
+    """The key's password from ``source`` (``--key-password``: ``file:PATH``,
+    ``env:NAME`` or ``credential:NAME``, a file in systemd's ``$CREDENTIALS_DIRECTORY``),
+    read anew at each (re)load. :class:`CertificateError` naming the source, never
+    the password, when there is none to read."""
+    kind, _, name = source.partition(":")
+    flag = f"--key-password {source}"
+    if kind == "env":
+        value = os.environ.get(name)
+        if value is None:
+            raise CertificateError(f"{flag}: the environment variable {name} is not set")
+        password = value.encode()
+    else:
+        path = name
+        if kind == "credential":
+            folder = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not folder:
+                raise CertificateError(
+                    f"{flag}: $CREDENTIALS_DIRECTORY is not set (systemd sets it for a "
+                    f"unit with LoadCredential={name}:FILE)"
+                )
+            path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+        except OSError as exc:
+            raise CertificateError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
+        # One trailing newline is the file's, not the password's (echo, editors).
+        password = data.removesuffix(b"\n").removesuffix(b"\r")
+    if not password:
+        raise CertificateError(f"{flag}: the password is empty")
+    return password
 
 
 def server_context(settings: TlsSettings) -> ssl.SSLContext:
@@ -101,23 +141,33 @@ def server_context(settings: TlsSettings) -> ssl.SSLContext:
         else ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     )
     context.minimum_version = TLS_VERSIONS[settings.minimum_version]
-    _check_pem(settings)
+    encrypted = bool(_PEM_ENCRYPTED.search(_check_pem(settings)))
     what = f"--cert {settings.cert}" + (f" / --key {settings.key}" if settings.key else "")
+    source = settings.key_password
 
     def no_prompt() -> str:
         raise _Passphrase
 
+    password = key_password(source) if source else no_prompt
+    if source and not encrypted:
+        log.warning("%s: the private key is not encrypted; --key-password is not used", what)
     try:
-        context.load_cert_chain(settings.cert, settings.key, password=no_prompt)
+        context.load_cert_chain(settings.cert, settings.key, password=password)
     except _Passphrase:
         raise CertificateError(
             f"{what}: the private key is encrypted and trio-bridge cannot ask for its "
-            "passphrase (decrypt it: openssl pkey -in KEY -out PLAIN-KEY)"
+            "passphrase (decrypt it: openssl pkey -in KEY -out PLAIN-KEY); or give its "
+            f"password with --key-password {PASSWORD_SOURCES}"
         ) from None
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise CertificateError(
                 f"{what}: the private key does not match the certificate"
+            ) from None
+        if source and encrypted:  # OpenSSL says "PEM lib" for a wrong password too
+            raise CertificateError(
+                f"{what}: the private key cannot be decrypted with the password from "
+                f"--key-password {source} (wrong password?)"
             ) from None
         raise CertificateError(f"{what}: unusable certificate or key ({_reason(exc)})") from None
     except OSError as exc:
