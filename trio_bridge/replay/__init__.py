@@ -11,10 +11,11 @@ Public API (the command line is built on it)::
 """
 
 from .compare import Comparator, Divergence, Finding, StreamComparator
+from .control import PlaybackControl
 from .drive import DriveReport, drive, make_comparator
 from .export import export_websockify
 from .messages import Message
-from .serve import PlaybackControl, ReplayServer, ServeReport
+from .serve import ReplayServer, ServeReport
 from .timeline import PayloadView, print_timeline
 
 __all__ = [

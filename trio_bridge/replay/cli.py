@@ -103,6 +103,12 @@ def build_parser() -> OneLineParser:
         help="wait for each recorded client message before moving on",
     )
     serve.add_argument(
+        "--web",
+        type=Path,
+        metavar="DIR",
+        help="also serve DIR (noVNC: /usr/share/novnc) and a page with pause and speed",
+    )
+    serve.add_argument(
         "--lockstep-timeout",
         type=_speed,
         default=30.0,
@@ -298,6 +304,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listen = parse_host_port(args.listen, "--listen", default_host="127.0.0.1")
     except ConfigError as exc:
         raise Trouble(str(exc)) from None
+    if args.web is not None and not (args.web / "vnc.html").is_file():
+        raise Trouble(f"--web {args.web}: no vnc.html there (noVNC: /usr/share/novnc)")
     progress = Progress(f"replaying {args.file}", _file_size(args.file))
 
     def report(result: ServeReport) -> None:
@@ -316,6 +324,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lockstep=args.lockstep,
         lockstep_timeout=args.lockstep_timeout,
         on_wait=waiting,
+        web=args.web,
         on_report=report,
         on_progress=lambda client, position, seconds: progress.update(
             position, f"{client}, {seconds:.1f} s"
@@ -330,6 +339,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"serving session {meta.session_id} ({meta.client} -> {meta.target}) on ws://{bound}/",
             flush=True,
         )
+        if args.web is not None:
+            print(f"open http://{bound}/replay.html", flush=True)
         await server.serve_listeners(listeners, once=args.once)
 
     try:

@@ -29,6 +29,7 @@ from websockets.typing import Subprotocol
 from ..observe import Direction
 from ..recording import FrameRecord, GapRecord, Kind, open_recording
 from .compare import Divergence, align, message_key
+from .control import PlaybackControl
 from .messages import Message, MessageAssembler, describe_gap, recorded_messages
 from .preview import describe_payload
 from .wsio import FrameSender
@@ -103,34 +104,6 @@ class _ClientProgress:
         return True
 
 
-class PlaybackControl:
-    """Pause, resume and speed, shared by every client's play (the --web page's buttons,
-    or code); each play follows a change as it comes."""
-
-    def __init__(self, speed: float = 1.0) -> None:
-        self.speed = speed
-        self.paused = False
-        self.changed = trio.Event()  # set, and replaced, at each change
-
-    def pause(self) -> None:
-        self.paused = True
-        self._notify()
-
-    def resume(self) -> None:
-        self.paused = False
-        self._notify()
-
-    def set_speed(self, speed: float) -> None:
-        if not speed > 0:
-            raise ValueError("speed must be greater than 0")
-        self.speed = speed
-        self._notify()
-
-    def _notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-
 class ReplayServer:
     """Serves one recording to every client that connects (one at a time or many)."""
 
@@ -147,6 +120,7 @@ class ReplayServer:
         on_report: Callable[[ServeReport], None] | None = None,
         on_progress: Callable[[str, int, float], None] | None = None,
         on_wait: Callable[[str, str], None] | None = None,
+        web: str | Path | None = None,
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be greater than 0")
@@ -162,6 +136,7 @@ class ReplayServer:
         self.on_report = on_report
         self.on_progress = on_progress
         self.on_wait = on_wait  # (client, what it waits for), after WAIT_NOTICE s in lockstep
+        self.web = Path(web) if web is not None else None  # serve --web: files and controls
         self.reports: list[ServeReport] = []
         self.port = 0
         self._report_added = trio.Event()
@@ -169,6 +144,11 @@ class ReplayServer:
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/"
+
+    @property
+    def page_url(self) -> str:
+        """With ``web``: the page to open (the client and the replay's controls)."""
+        return f"http://127.0.0.1:{self.port}/replay.html"
 
     async def serve(
         self,
@@ -207,17 +187,26 @@ class ReplayServer:
                 first_done.set()
 
         def refused(ws: ServerConnection, request: Request, response: Response) -> None:
-            if response.status_code != 101:
+            # A failed WebSocket handshake is logged; --web's pages and files are not.
+            if response.status_code != 101 and "Upgrade" in request.headers:
                 host, port = ws.remote_address[:2]
                 status = f"HTTP {response.status_code} {response.reason_phrase}"
                 log.warning("client %s:%s: refused the handshake with %s", host, port, status)
 
+        process_request = None
+        if self.web is not None:
+            from .web import WebFiles  # only serve --web needs it
+
+            meta = self.meta
+            title = f"session {meta.session_id} ({meta.client} -> {meta.target})"
+            process_request = WebFiles(self.web, self.control, title).process_request
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 partial(
                     serve_websocket,
                     handler,
                     listeners=listeners,
+                    process_request=process_request,
                     select_subprotocol=self._select_subprotocol,
                     process_response=refused,
                     compression=None,  # the recorded frames go out as recorded
