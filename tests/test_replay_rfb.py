@@ -17,12 +17,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import trio
 from websockets.trio.client import connect
 from websockets.typing import Subprotocol
 
 from trio_bridge import TcpAddress
-from trio_bridge.pytest_plugin import StartBridge
+from trio_bridge.pytest_plugin import DriveRecording, StartBridge
 from trio_bridge.replay import drive
 from trio_bridge.replay.rfb import (
     COPY_RECT,
@@ -193,21 +194,22 @@ async def test_the_same_picture_matches_though_the_encodings_differ(
 
 
 async def test_another_picture_reports_the_region_and_its_colours(
-    nursery: trio.Nursery, start_ws_bridge: StartBridge, tmp_path: Path
+    nursery: trio.Nursery,
+    start_ws_bridge: StartBridge,
+    drive_recording: DriveRecording,
+    tmp_path: Path,
 ) -> None:
     images = tmp_path / "images"
-    with trio.fail_after(60):
+    with trio.fail_after(60), pytest.raises(pytest.fail.Exception) as failure:
         async with vnc_desktop(nursery) as desktop:
             path = await record(start_ws_bridge, desktop.vnc, tmp_path)
             patch = await paint_patch(desktop.display, PATCH)
-            await wait_until_shown(desktop.vnc, PATCH)
             try:
-                comparator = RfbComparator(images=images)
-                report = await drive(path, target=desktop.vnc, compare=comparator, timeout=10)
+                await wait_until_shown(desktop.vnc, PATCH)
+                await drive_recording(path, target=desktop.vnc, compare="rfb", images=images)
             finally:
                 await patch.aclose()
-    text = "\n".join(report.lines())
-    assert not report.ok, text
+    text = str(failure.value)
     x, y, width, height = PATCH_AT
     region = (
         f"region x={x} y={y} {width}x{height}: {width * height} pixels differ; "

@@ -19,6 +19,9 @@ fixture                    gives
                            :class:`~trio_bridge.replay.ReplayServer` (``.url``, ``.reports``)
 ``replay_recording``       the recording ``replay_server_url`` serves; override it
 ``replay_server_url``      ``ws://127.0.0.1:PORT/`` of a replay server for ``replay_recording``
+``drive_recording``        ``await drive_recording(recording, target=... | url=..., compare=...)``
+                           drives a server with a recorded client; fails the test with the
+                           comparator's report when the server behaves otherwise
 =========================  ===================================================================
 """
 
@@ -40,7 +43,7 @@ if TYPE_CHECKING:
     from .addresses import Address, TcpAddress
     from .config import Config
     from .recording import Recorder
-    from .replay import ReplayServer
+    from .replay import Comparator, DriveReport, ReplayServer
     from .server import Bridge
 
 TargetLike = Union["Address", tuple[str, int], str]  # a string: Union, not |
@@ -195,3 +198,54 @@ async def replay_server_url(start_replay_server: StartReplay, replay_recording: 
     """The ws:// URL of a replay server playing ``replay_recording``'s target side."""
     server = await start_replay_server(replay_recording)
     return server.url
+
+
+DriveRecording = Callable[..., Awaitable["DriveReport"]]
+
+
+@pytest.fixture
+def drive_recording() -> DriveRecording:
+    """``await drive_recording(recording, *, target=None, url=None, compare="bytes",
+    images=None, **options)``: a regression test for a server.
+
+    The recorded client side is played against ``target`` (a TCP service: a
+    :class:`TcpAddress`, ``(host, port)`` or ``"host:port"``) or ``url`` (ws://, through a
+    bridge), and what the server sends is compared with the recording by ``compare``:
+    ``"bytes"``, ``"messages"``, ``"lengths"``, ``"none"``, ``"rfb"`` (VNC: what the screen
+    shows) or a :class:`~trio_bridge.replay.Comparator`. ``images``: with ``"rfb"``, a
+    folder for expected/actual/diff PNGs of a differing screen. ``options`` are
+    :func:`~trio_bridge.replay.drive`'s (``delay=False``, ``speed=``, ``timeout=``).
+    The test fails with the report when the server differs; otherwise the
+    :class:`~trio_bridge.replay.DriveReport` is returned.
+    """
+    from .replay import drive, make_comparator
+
+    async def run(
+        recording: str | Path,
+        *,
+        target: TargetLike | None = None,
+        url: str | None = None,
+        compare: str | Comparator = "bytes",
+        images: str | Path | None = None,
+        **options: Any,
+    ) -> DriveReport:
+        from pathlib import Path
+
+        comparator = make_comparator(compare)
+        if images is not None:
+            from .replay.rfb import RfbComparator
+
+            if not isinstance(comparator, RfbComparator):
+                raise TypeError("images= needs compare='rfb'")
+            comparator.images = Path(images)
+        from .addresses import TcpAddress
+
+        address = _address(target) if target is not None else None
+        if address is not None and not isinstance(address, TcpAddress):
+            raise TypeError("drive_recording drives TCP targets (or a url=)")
+        report = await drive(recording, target=address, url=url, compare=comparator, **options)
+        if not report.ok:
+            pytest.fail("\n".join(report.lines()), pytrace=False)
+        return report
+
+    return run
