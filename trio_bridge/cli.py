@@ -24,6 +24,7 @@ from .addons import Addons, WrappedProgramExited
 from .addresses import DEFAULT_LISTEN_HOST, Address, UnixAddress, parse_host_port
 from .arguments import OneLineParser, positive_number
 from .config import (
+    FORWARDED_HEADERS,
     TLS_VERSIONS,
     TOKEN_FROM,
     AuthSettings,
@@ -195,6 +196,7 @@ def build_parser() -> OneLineParser:
         help="deprecated, no effect: recordings keep everything the disk takes",
     )
     _add_security_arguments(parser, defaults)
+    _add_proxy_arguments(parser)
     return parser
 
 
@@ -361,6 +363,46 @@ def _add_security_arguments(parser: argparse.ArgumentParser, defaults: Limits) -
     )
 
 
+def _add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
+    """Behind a load balancer: who the client really is (docs/scaling.md)."""
+    proxies = parser.add_argument_group("behind a load balancer (docs/scaling.md)")
+    proxies.add_argument(
+        "--proxy-protocol",
+        action="append",
+        default=[],
+        metavar="CIDR[,CIDR]",
+        help="connections from these networks must start with a PROXY protocol header "
+        "(v1 or v2, e.g. HAProxy's send-proxy-v2); it is refused from anywhere else",
+    )
+    proxies.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="CIDR[,CIDR]",
+        help="reverse proxies whose forwarding header names the client (repeatable)",
+    )
+    proxies.add_argument(
+        "--forwarded-header",
+        choices=FORWARDED_HEADERS,
+        help="the header --trusted-proxy proxies write (default: x-forwarded-for)",
+    )
+
+
+def _proxy_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The Config fields of :func:`_add_proxy_arguments`' options (comma lists split)."""
+    if args.forwarded_header and not args.trusted_proxy:
+        raise ConfigError("--forwarded-header needs --trusted-proxy")
+
+    def networks(values: list[str]) -> tuple[str, ...]:
+        return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
+
+    return {
+        "proxy_protocol": networks(args.proxy_protocol),
+        "trusted_proxies": networks(args.trusted_proxy),
+        "forwarded_header": args.forwarded_header or "x-forwarded-for",
+    }
+
+
 def _security_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The Config fields of :func:`_add_security_arguments`' options."""
     needs_cert = [
@@ -523,6 +565,7 @@ def config_from_args(args: argparse.Namespace, *, sockets_inherited: bool = Fals
         traffic=args.traffic,
         zero_copy=args.zero_copy,
         **_security_fields(args),
+        **_proxy_fields(args),
     )
     metrics = None
     if args.metrics is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,14 +222,36 @@ class Config:
     auth: tuple[AuthSettings, ...] = ()
     allow_origins: tuple[str, ...] = ()
     limit_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # Behind load balancers (docs/scaling.md): networks whose connections start with a
+    # PROXY protocol header, networks whose X-Forwarded-For/Forwarded is believed.
+    proxy_protocol: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    forwarded_header: str = "x-forwarded-for"
 
     def __post_init__(self) -> None:
+        _check_networks("--proxy-protocol", self.proxy_protocol)
+        _check_networks("--trusted-proxy", self.trusted_proxies)
+        if self.forwarded_header not in FORWARDED_HEADERS:
+            choices = ", ".join(FORWARDED_HEADERS)
+            given = self.forwarded_header
+            raise ConfigError(f"--forwarded-header: {given!r} is not one of {choices}")
         if isinstance(self.target, UnixAddress) and not self.target.path:
             raise ConfigError("--unix-target: the path is empty")
         if self.unix_listen_mode is not None and not isinstance(self.listen, UnixAddress):
             raise ConfigError("--unix-listen-mode needs --unix-listen")
         if self.tokens is not None and self.target is not None:
             raise ConfigError("--token-plugin routes each client by its token: give no target")
+
+
+FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
+
+
+def _check_networks(flag: str, texts: tuple[str, ...]) -> None:
+    for text in texts:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ConfigError(f"{flag}: {text!r} is not an address or a network (CIDR)") from None
 
 
 class WrapMode(enum.Enum):

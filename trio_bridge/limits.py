@@ -11,7 +11,9 @@ per-address IPv6 limits would be trivial to dodge). A Unix-socket client is keye
 its user id, which the kernel reports (``SO_PEERCRED``): ``uid:N``. The
 ``limit_exempt`` networks and ``uid:N`` entries are not limited (loopback by default:
 a reverse proxy on the same host would otherwise make every client look like one;
-exempt a proxy that connects over a Unix socket by its uid).
+exempt a proxy that connects over a Unix socket by its uid). Proxies that name their
+clients (``--proxy-protocol``, ``--trusted-proxy``) are exempt too: the server admits
+each of their connections a second time, under the client's address, once it knows it.
 
 Connections that have not finished their opening handshake have a budget of their
 own (:class:`HandshakeBudget`), so slow handshakes cannot fill the connection table.
@@ -64,6 +66,33 @@ def parse_networks(texts: Iterable[str], flag: str) -> tuple[Network, ...]:
                 f"{flag}: {text!r} is not an address, a network (CIDR) or uid:N"
             ) from None
     return tuple(networks)
+
+
+class Networks:
+    """Networks asked about client addresses given as text (``--proxy-protocol``,
+    ``--trusted-proxy``); an IPv4-mapped IPv6 address counts as its IPv4 address, and
+    text that is not an address is in no network."""
+
+    def __init__(self, networks: tuple[Network, ...] = ()) -> None:
+        self.networks = networks
+
+    @classmethod
+    def parse(cls, texts: Iterable[str], flag: str) -> Networks:
+        return cls(parse_networks(texts, flag))
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def __contains__(self, address: object) -> bool:
+        if not self.networks or not isinstance(address, str):
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.networks)
 
 
 def parse_uid(text: str, flag: str) -> int:
@@ -165,12 +194,15 @@ class AddressLimiter:
 
     @classmethod
     def for_config(cls, config: Config) -> AddressLimiter:
+        """Proxies the bridge trusts to name their clients are never limited as themselves:
+        each connection is counted once, under the client address they name (the server
+        admits it again once it knows that address)."""
         limits = config.limits
         return cls(
             limits.max_connections_per_address,
             limits.connection_rate,
             limits.connection_burst,
-            config.limit_exempt,
+            config.limit_exempt + config.proxy_protocol + config.trusted_proxies,
         )
 
     @property

@@ -51,11 +51,16 @@ class ClientInfo:
 
     ``certificate`` is :meth:`ssl.SSLSocket.getpeercert`'s dict of a client certificate
     that passed verification against ``--cafile``; None without one.
+
+    ``peer`` is the client's address: the one a trusted proxy names (``--proxy-protocol``,
+    ``--trusted-proxy``) when there is one, and ``via`` then the proxy's own address.
+    ``tls`` and ``certificate`` are about the connection to the bridge, the proxy's then.
     """
 
     peer: str
     tls: bool = False
     certificate: dict[str, Any] | None = None
+    via: str | None = None
 
 
 class RequestGate(Protocol):

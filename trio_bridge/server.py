@@ -14,23 +14,29 @@ the response, connect to the target, answer 101 and hand over to a
 
 from __future__ import annotations
 
+import dataclasses
 import http
 import logging
 import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 
 import trio
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from . import listeners as listeners_mod
+from . import proxy_header
 from .addresses import Address
 from .auth import gates_for
 from .channel import ClientChannel, ClientGone
 from .config import Config
 from .errors import ConfigError
+from .forwarded import HEADERS as FORWARDED_HEADERS
+from .forwarded import ForwardedError, forwarded_client
 from .handshake import (
     HandshakeFailure,
     Refusal,
@@ -41,12 +47,13 @@ from .handshake import (
     refusal_reason,
 )
 from .heartbeat import Heartbeats
-from .limits import AddressLimiter, Handshake, HandshakeBudget
+from .limits import AddressLimiter, Handshake, HandshakeBudget, Networks, client_ip
 from .listeners import ACCEPT_RETRY, accept_forever
 from .logs import RateLimitedLog, escape
 from .metrics import BridgeMetrics
 from .netio import close_socket, drain_until_eof, peer_name
 from .observe import ObserverFactory, SessionInfo, SessionObserver
+from .proxy_header import ProxyHeaderError
 from .request_target import redact
 from .routing import (
     HttpRefusal,
@@ -69,6 +76,23 @@ GOING_AWAY = 1001
 # only while fewer than this many do; beyond that it is closed at once.
 REFUSAL_LINGER = 0.25
 MAX_LINGERING_REFUSALS = 64
+
+
+@dataclass
+class Client:
+    """Who a connection serves: its TCP peer, or the client a trusted proxy names
+    (docs/scaling.md). ``name`` is what every log line, the session record and the
+    gates see; ``address`` (an IP, None for a Unix-socket peer) is what per-address
+    limits count; ``via`` is the proxy's own address when a proxy named the client."""
+
+    name: str
+    address: str | None
+    via: str | None = None
+    awaiting_header: bool = False  # for the log line of a handshake that timed out
+
+    def proxied_by(self, address: str, name: str) -> None:
+        self.via = self.via or self.name
+        self.address, self.name = address, name
 
 
 class Bridge:
@@ -99,6 +123,8 @@ class Bridge:
         self.tls = ServerTls(config.tls) if config.tls is not None else None
         self.target_tls = TargetTls(config.target_tls) if config.target_tls is not None else None
         self.address_limits = AddressLimiter.for_config(config)
+        self.proxy_protocol = Networks.parse(config.proxy_protocol, "--proxy-protocol")
+        self.trusted_proxies = Networks.parse(config.trusted_proxies, "--trusted-proxy")
         self.metrics = metrics or BridgeMetrics(process=False)
         self.http = http
         self.observers = observers
@@ -116,6 +142,9 @@ class Bridge:
             log,
             lambda key, n, s: f"{n} more handshakes ended ({key}) in the last {s:g} s",
             level=logging.INFO,
+        )
+        self._proxy_log = RateLimitedLog(
+            log, lambda key, n, s: f"{n} more connections with {key} in the last {s:g} s"
         )
         self._target_log = RateLimitedLog(
             log,
@@ -266,6 +295,9 @@ class Bridge:
 
     async def _admit_and_serve(self, sock: socket.socket) -> None:
         peer = peer_name(sock)
+        client = Client(peer, client_ip(sock))
+        # Proxies that name their clients are exempt here: their clients are admitted
+        # once they are known (after the PROXY header, or after the request).
         admission = self.address_limits.admit(sock, peer)  # logs its own refusals
         if isinstance(admission, HttpRefusal):
             self.metrics.handshake_failed(HandshakeFailure.ADDRESS_LIMIT)
@@ -289,14 +321,15 @@ class Bridge:
         self.connections += 1
         channel: ClientChannel | None = None
         try:
-            with admission, self._handshakes.enter() as handshake:
-                # One budget for TLS and the HTTP request together, not one for each.
-                transport = await self._client_transport(sock, peer, handshake)
-                if transport is not None:
-                    channel = ClientChannel(transport, new_protocol(self.config), peer)
-                    await self._serve_connection(channel, handshake)
+            with admission, ExitStack() as admissions, self._handshakes.enter() as handshake:
+                # One budget for the PROXY header, TLS and the HTTP request together.
+                if await self._proxy_protocol(sock, client, admissions):
+                    transport = await self._client_transport(sock, client.name, handshake)
+                    if transport is not None:
+                        channel = ClientChannel(transport, new_protocol(self.config), client.name)
+                        await self._serve_connection(channel, handshake, client, admissions)
             if handshake.scope.cancelled_caught:
-                self._handshake_ended(handshake, peer)
+                self._handshake_ended(handshake, client)
         except (ClientGone, TlsFailure) as exc:
             self.metrics.handshake_failed(
                 HandshakeFailure.CLIENT_GONE
@@ -304,10 +337,10 @@ class Bridge:
                 else HandshakeFailure.TLS
             )
             self._handshake_log.log(
-                str(exc), "client %s: connection failed during the handshake: %s", peer, exc
+                str(exc), "client %s: connection failed during the handshake: %s", client.name, exc
             )
         except Exception as exc:
-            await self._internal_error(channel, peer, exc)
+            await self._internal_error(channel, client.name, exc)
         finally:
             if channel is not None:
                 with trio.CancelScope(shield=True):
@@ -317,7 +350,62 @@ class Bridge:
             if self.connections == 0:
                 self._no_connections.set()
 
-    def _handshake_ended(self, handshake: Handshake, peer: str) -> None:
+    async def _proxy_protocol(
+        self, sock: socket.socket, client: Client, admissions: ExitStack
+    ) -> bool:
+        """Read the PROXY header a ``--proxy-protocol`` peer must send, and admit the
+        client it names; refuse a header from anyone else. False: refused and logged.
+
+        A peer that must send a header and sends none or a broken one is closed without
+        an answer: what it sent is not HTTP, so nothing in HTTP can reach its client.
+        """
+        if client.address not in self.proxy_protocol:
+            if self.proxy_protocol and await proxy_header.opens_with_header(sock):
+                self.metrics.handshake_failed(HandshakeFailure.MALFORMED)
+                self._proxy_log.log(
+                    "a PROXY header from outside --proxy-protocol",
+                    "client %s: refused with 400: a PROXY protocol header from an address "
+                    "outside --proxy-protocol",
+                    client.name,
+                )
+                reason = "PROXY protocol headers are not accepted from your address."
+                await self._refuse(sock, HttpRefusal(400, reason), plain=True)
+                return False
+            return True
+        client.awaiting_header = True
+        try:
+            header = await proxy_header.receive(sock)
+        except ProxyHeaderError as exc:
+            self.metrics.handshake_failed(HandshakeFailure.MALFORMED)
+            self._proxy_log.log(
+                "no valid PROXY header",
+                "client %s: closed: no valid PROXY protocol header (required from "
+                "--proxy-protocol networks): %s",
+                client.name,
+                exc,
+            )
+            return False
+        client.awaiting_header = False
+        if header.source is None:  # LOCAL (the proxy's health check) or no address
+            return True
+        host, port = header.source
+        client.proxied_by(host, f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        admission = self._admit(client, admissions)
+        if admission is not None:
+            await self._refuse(sock, admission)
+            return False
+        return True
+
+    def _admit(self, client: Client, admissions: ExitStack) -> HttpRefusal | None:
+        """Count the connection under the address a proxy named; held to its end."""
+        admission = self.address_limits.admit_address(client.address, client.name)
+        if isinstance(admission, HttpRefusal):
+            self.metrics.handshake_failed(HandshakeFailure.ADDRESS_LIMIT)
+            return admission
+        admissions.enter_context(admission)
+        return None
+
+    def _handshake_ended(self, handshake: Handshake, client: Client) -> None:
         """Log a handshake that ran out of time or was evicted for a newer one."""
         if handshake.evicted:
             self.metrics.handshake_failed(HandshakeFailure.EVICTED)
@@ -325,15 +413,16 @@ class Bridge:
                 "evicted",
                 "client %s: handshake not completed, closed to make room for a new "
                 "connection (%d handshakes in progress at most)",
-                peer,
+                client.name,
                 self._handshakes.limit,
             )
         else:
             self.metrics.handshake_failed(HandshakeFailure.TIMEOUT)
             self._handshake_log.log(
                 "timeout",
-                "client %s: handshake not completed within %g s",
-                peer,
+                "client %s: %s within %g s",
+                client.name,
+                "no PROXY protocol header" if client.awaiting_header else "handshake not completed",
                 handshake.timeout,
             )
 
@@ -440,7 +529,9 @@ class Bridge:
         finally:
             close_socket(sock)
 
-    async def _serve_connection(self, channel: ClientChannel, handshake: Handshake) -> None:
+    async def _serve_connection(
+        self, channel: ClientChannel, handshake: Handshake, client: Client, admissions: ExitStack
+    ) -> None:
         """The request, then one answer: a refusal, an HTTP response, or a session."""
         request = await receive_request(channel)
         self._handshakes.leave(handshake)
@@ -450,20 +541,55 @@ class Bridge:
             self._handshake_log.log(key, "client %s: %s", channel.peer, request.reason)
             await channel.linger_and_close(self.config.limits.close_timeout)
             return
+        if client.address in self.trusted_proxies:
+            refusal = self._forwarded_for(request, client, admissions)
+            channel.peer = client.name
+            if refusal is not None:
+                response = channel.protocol.reject(refusal.status, f"{refusal.reason}\n")
+                for name, value in refusal.headers:
+                    response.headers[name] = value
+                await self._answer_http(channel, request, response)
+                return
         if self.http is not None and not is_websocket_upgrade(request):
             answer = await self.http.respond(request, channel.peer)
             if answer is not None:
                 await self._answer_http(channel, request, answer)
                 return
-        response, address = await self._decide(channel, request)
+        response, address = await self._decide(channel, request, client)
         if address is None:
             self.metrics.handshake_failed(response.status_code)
             await self._answer_http(channel, request, response)
             return
         await self._relay(channel, request, response, address)
 
+    def _forwarded_for(
+        self, request: Request, client: Client, admissions: ExitStack
+    ) -> HttpRefusal | None:
+        """Take the client a trusted proxy names in its forwarding header, and admit it.
+
+        A header that cannot be read where the chain is walked is ignored (the proxy
+        stays the client, and is not limited) with one rate-limited line: it is the
+        proxy's to write, so it is a configuration problem, not the client's fault.
+        """
+        header = self.config.forwarded_header
+        try:
+            named = forwarded_client(request.headers, header, self.trusted_proxies)
+        except ForwardedError as exc:
+            self._proxy_log.log(
+                f"an unreadable {FORWARDED_HEADERS[header]}",
+                "client %s: %s ignored: %s",
+                client.name,
+                FORWARDED_HEADERS[header],
+                exc,
+            )
+            return None
+        if named is None:
+            return None
+        client.proxied_by(*named)
+        return self._admit(client, admissions)
+
     async def _decide(
-        self, channel: ClientChannel, request: Request
+        self, channel: ClientChannel, request: Request, client: Client
     ) -> tuple[Response, Address | None]:
         """The handshake's answer and, when it is 101, where to relay: websockets'
         checks, then the gates, then the resolver."""
@@ -472,9 +598,9 @@ class Bridge:
         if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
             return response, None
         try:
-            client = client_info(channel.transport, channel.peer)
+            info = dataclasses.replace(client_info(channel.transport, channel.peer), via=client.via)
             for gate in self.gates:
-                await gate.check(request, client)
+                await gate.check(request, info)
             return response, await self.resolver.resolve(request, channel.peer)
         except HttpRefusal as refusal:
             response = protocol.reject(refusal.status, f"{refusal.reason}\n")
