@@ -282,6 +282,23 @@ def test_networks_are_checked_when_the_config_is_made() -> None:
         Config(target=TcpAddress("127.0.0.1", 1), forwarded_header="x-real-ip")
 
 
+def test_command_line_options() -> None:
+    from trio_bridge.cli import build_parser, config_from_args
+
+    def bridge(*argv: str) -> Config:
+        return config_from_args(build_parser().parse_args([*argv, "6080", "vnc:5900"])).bridge
+
+    config = bridge(
+        "--proxy-protocol", "10.0.1.0/24, 10.0.2.7", "--proxy-protocol", "2001:db8::/48",
+        "--trusted-proxy", "127.0.0.1", "--forwarded-header", "forwarded",
+    )  # fmt: skip
+    assert config.proxy_protocol == ("10.0.1.0/24", "10.0.2.7", "2001:db8::/48")
+    assert (config.trusted_proxies, config.forwarded_header) == (("127.0.0.1",), "forwarded")
+    assert bridge().forwarded_header == "x-forwarded-for" and bridge().proxy_protocol == ()
+    with pytest.raises(ConfigError, match="--forwarded-header needs --trusted-proxy"):
+        bridge("--forwarded-header", "forwarded")
+
+
 # -- a bridge with a gate and a recorder, in this process --------------------------------------
 
 
@@ -376,6 +393,20 @@ async def test_v2_local_keeps_the_proxy_as_the_client(
     assert running.gate.seen[0].via is None
 
 
+async def test_v2_ipv6_client_is_limited_per_64(
+    nursery: trio.Nursery, echo_target: TcpTarget, tmp_path: Path, bridge_log: LogWaiter
+) -> None:
+    with trio.fail_after(15):
+        running = await start_bridge(nursery, echo_target, tmp_path, proxy_protocol=(PROXY,))
+        first = await open_session(running.port, PROXY, v2_tcp6("2001:db8:1:2::7", 4711))
+        # Another host of the same /64 is the same address for the limits.
+        assert await refused_with(running.port, PROXY, v2_tcp6("2001:db8:1:2::8", 1)) == 429
+        await bridge_log.wait_for("client [2001:db8:1:2::8]:1: refused with 429")
+        await echo_and_close(first)
+        await bridge_log.wait_for("ended: client=[2001:db8:1:2::7]:4711 ")
+    assert running.gate.seen[0].peer == "[2001:db8:1:2::7]:4711"
+
+
 async def test_a_proxy_network_without_a_valid_header_is_closed_unanswered(
     nursery: trio.Nursery, echo_target: TcpTarget, tmp_path: Path, bridge_log: LogWaiter
 ) -> None:
@@ -421,13 +452,30 @@ async def test_forwarding_headers_only_from_trusted_proxies(
         status = await refused_with(running.port, PROXY, X_Forwarded_For="203.0.113.7")
         assert status == 429
         await bridge_log.wait_for("client 203.0.113.7: refused with 429")
+        ignored = await open_session(running.port, PROXY, Forwarded="for=203.0.113.9")
         garbled = await open_session(running.port, PROXY, X_Forwarded_For="unknown")
         await bridge_log.wait_for("X-Forwarded-For ignored: X-Forwarded-For: 'unknown'")
-        for client in (untrusted, trusted, garbled):
+        for client in (untrusted, trusted, ignored, garbled):
             await echo_and_close(client)
     peers = [info.peer for info in running.gate.seen]
-    assert peers == [untrusted.local_address, "203.0.113.7", garbled.local_address]
+    proxy_itself = [ignored.local_address, garbled.local_address]  # not limited, either
+    assert peers == [untrusted.local_address, "203.0.113.7", *proxy_itself]
     assert [info.via for info in running.gate.seen][:2] == [None, trusted.local_address]
+
+
+async def test_rfc_7239_forwarded_when_chosen(
+    nursery: trio.Nursery, echo_target: TcpTarget, tmp_path: Path
+) -> None:
+    fields = {"trusted_proxies": (PROXY,), "forwarded_header": "forwarded"}
+    with trio.fail_after(15):
+        running = await start_bridge(nursery, echo_target, tmp_path, **fields)
+        header = 'for=198.51.100.1, for="[2001:db8::7]:4711";proto=https'
+        chosen = await open_session(running.port, PROXY, Forwarded=header)
+        other = await open_session(running.port, PROXY, X_Forwarded_For="203.0.113.7")
+        await echo_and_close(chosen)
+        await echo_and_close(other)
+    peers = [info.peer for info in running.gate.seen]
+    assert peers == ["[2001:db8::7]:4711", other.local_address]
 
 
 # -- real proxies --------------------------------------------------------------------------

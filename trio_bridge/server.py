@@ -360,18 +360,7 @@ class Bridge:
         an answer: what it sent is not HTTP, so nothing in HTTP can reach its client.
         """
         if client.address not in self.proxy_protocol:
-            if self.proxy_protocol and await proxy_header.opens_with_header(sock):
-                self.metrics.handshake_failed(HandshakeFailure.MALFORMED)
-                self._proxy_log.log(
-                    "a PROXY header from outside --proxy-protocol",
-                    "client %s: refused with 400: a PROXY protocol header from an address "
-                    "outside --proxy-protocol",
-                    client.name,
-                )
-                reason = "PROXY protocol headers are not accepted from your address."
-                await self._refuse(sock, HttpRefusal(400, reason), plain=True)
-                return False
-            return True
+            return not (self.proxy_protocol and await self._refused_stray_header(sock, client))
         client.awaiting_header = True
         try:
             header = await proxy_header.receive(sock)
@@ -390,10 +379,27 @@ class Bridge:
             return True
         host, port = header.source
         client.proxied_by(host, f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        admission = self._admit(client, admissions)
-        if admission is not None:
-            await self._refuse(sock, admission)
+        refusal = self._admit(client, admissions)
+        if refusal is not None:
+            await self._refuse(sock, refusal)
             return False
+        return True
+
+    async def _refused_stray_header(self, sock: socket.socket, client: Client) -> bool:
+        """Refuse a PROXY header from outside ``--proxy-protocol`` (True: refused, logged):
+        believed, it would let anyone pose as any address. The first bytes are peeked,
+        so a client without one is served as ever."""
+        if not await proxy_header.opens_with_header(sock):
+            return False
+        self.metrics.handshake_failed(HandshakeFailure.MALFORMED)
+        self._proxy_log.log(
+            "a PROXY header from outside --proxy-protocol",
+            "client %s: refused with 400: a PROXY protocol header from an address "
+            "outside --proxy-protocol",
+            client.name,
+        )
+        reason = "PROXY protocol headers are not accepted from your address."
+        await self._refuse(sock, HttpRefusal(400, reason), plain=True)
         return True
 
     def _admit(self, client: Client, admissions: ExitStack) -> HttpRefusal | None:
