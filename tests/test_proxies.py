@@ -13,9 +13,12 @@ addresses so that "the proxy's address" and "the client's address" differ.
 
 from __future__ import annotations
 
+import contextlib
 import grp
+import logging
 import os
 import pwd
+import random
 import re
 import shlex
 import shutil
@@ -47,7 +50,9 @@ from trio_bridge.routing import ClientInfo
 
 from .conftest import LogWaiter, RawClient, TcpTarget, client_frame, free_port, ws_request
 from .recording_support import ProcessLog, subprocess_env
-from .security_support import open_from, redis_server
+from .security_support import Pki, open_from, pki, read_all, redis_server
+
+__all__ = ["pki"]
 
 PROXY, CLIENT, NEIGHBOUR = "127.0.0.1", "127.0.0.2", "127.0.0.3"
 DOCS = Path(__file__).parent.parent / "docs"
@@ -405,6 +410,52 @@ async def test_v2_ipv6_client_is_limited_per_64(
         await echo_and_close(first)
         await bridge_log.wait_for("ended: client=[2001:db8:1:2::7]:4711 ")
     assert running.gate.seen[0].peer == "[2001:db8:1:2::7]:4711"
+
+
+async def test_tls_follows_the_header(
+    nursery: trio.Nursery, echo_target: TcpTarget, tmp_path: Path, pki: Pki
+) -> None:
+    """wss:// through a TCP load balancer: the header comes first, then the TLS bytes."""
+    fields = {"proxy_protocol": (PROXY,), "tls": pki.settings(ssl_only=True)}
+    with trio.fail_after(15):
+        running = await start_bridge(nursery, echo_target, tmp_path, **fields)
+        stream = await open_from(running.port, PROXY)
+        await stream.send_all(b"PROXY TCP4 203.0.113.7 127.0.0.1 40112 443\r\n")
+        tls = trio.SSLStream(stream, pki.client_context(), server_hostname="127.0.0.1")
+        await tls.send_all(ws_request())
+        reply = await tls.receive_some(4096)
+        assert reply.startswith(b"HTTP/1.1 101 "), reply
+        await tls.aclose()
+    assert running.gate.seen[0].peer == "203.0.113.7:40112" and running.gate.seen[0].tls
+
+
+async def test_random_bytes_from_a_proxy_network_never_hurt_the_bridge(
+    nursery: trio.Nursery, echo_target: TcpTarget, tmp_path: Path, bridge_log: LogWaiter
+) -> None:
+    """The reader on a live socket: mutated, cut and trickled headers end in a served
+    session or a closed connection, never an error, and the bridge keeps serving."""
+    rng = random.Random(13)
+    with trio.fail_after(30):
+        running = await start_bridge(nursery, echo_target, tmp_path, proxy_protocol=(PROXY,))
+        for example in range(120):
+            header = bytearray(rng.choice(VALID)[0])
+            for _ in range(rng.randrange(3)):
+                header[rng.randrange(len(header))] = rng.choice([rng.randrange(256), 0x30])
+            cut = len(header) if example % 2 else rng.randrange(len(header) + 1)
+            data = bytes(header[:cut]) + ws_request()
+            stream = await open_from(running.port, PROXY)
+            step = rng.choice([1, 7, len(data)])
+            with contextlib.suppress(trio.BrokenResourceError):  # closed on a bad header
+                for start in range(0, len(data), step):
+                    await stream.send_all(data[start : start + step])
+                await stream.send_eof()
+            await read_all(stream)  # an answer or none; the connection ends either way
+            await stream.aclose()
+        await echo_and_close(await open_session(running.port, PROXY, VALID[0][0]))
+    records = bridge_log.caplog.records
+    assert [r.getMessage() for r in records if r.levelno >= logging.ERROR] == []
+    refused = [r for r in records if "no valid PROXY protocol header" in r.getMessage()]
+    assert refused and len(running.gate.seen) > 10  # both outcomes were reached
 
 
 async def test_a_proxy_network_without_a_valid_header_is_closed_unanswered(

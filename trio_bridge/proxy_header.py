@@ -190,7 +190,10 @@ async def receive(sock: socket.socket) -> ProxyHeader:
             )
         header = parse(bytes(seen + chunk))
         take = len(chunk) if header is None else header.length - len(seen)
-        seen += sock.recv(take)  # already peeked: all there, returns at once
+        try:
+            seen += sock.recv(take)  # already peeked: all there, returns at once
+        except OSError as exc:  # a reset between the peek and the read
+            raise ProxyHeaderError(f"the connection failed: {exc.strerror}") from None
         if header is not None:
             return header
         await fairness.tick()
@@ -216,5 +219,5 @@ async def _peek(sock: socket.socket, size: int) -> bytes:
             return sock.recv(size, socket.MSG_PEEK)
         except BlockingIOError:
             await trio.lowlevel.wait_readable(sock)
-        except (ConnectionResetError, TimeoutError):
+        except OSError:  # reset, timed out: the header is not coming
             return b""
