@@ -30,6 +30,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -283,6 +284,8 @@ def test_networks_are_checked_when_the_config_is_made() -> None:
         Config(target=TcpAddress("127.0.0.1", 1), proxy_protocol=("haproxy",))
     with pytest.raises(ConfigError, match=r"--trusted-proxy: '10\.0\.0\.0/33'"):
         Config(target=TcpAddress("127.0.0.1", 1), trusted_proxies=("10.0.0.0/33",))
+    with pytest.raises(ConfigError, match="--trusted-proxy: 'uid:www-data' is not an address"):
+        Config(target=TcpAddress("127.0.0.1", 1), trusted_proxies=("uid:www-data",))
     with pytest.raises(ConfigError, match="--forwarded-header: 'x-real-ip'"):
         Config(target=TcpAddress("127.0.0.1", 1), forwarded_header="x-real-ip")
 
@@ -323,19 +326,24 @@ class Running:
 
 
 async def start_bridge(
-    nursery: trio.Nursery, target: TcpTarget, record: Path, **fields: object
+    nursery: trio.Nursery,
+    target: TcpTarget,
+    record: Path,
+    unix: Path | None = None,
+    **fields: object,
 ) -> Running:
-    """A bridge on 127.0.0.1 that limits every address (none exempt) to one connection."""
+    """A bridge on 127.0.0.1 (or the Unix socket ``unix``) that limits every address
+    (none exempt) to one connection."""
     limits = Limits(max_connections_per_address=1, handshake_timeout=5)
     config = Config(target=target.address, limits=limits, limit_exempt=(), **fields)  # type: ignore[arg-type]
     recorder: Recorder = await nursery.start(Recorder(record).run)
     gate = SeenGate()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
+    listener = socket.socket(socket.AF_UNIX if unix else socket.AF_INET)
+    listener.bind(str(unix) if unix else ("127.0.0.1", 0))
     listener.listen(64)
     bridge = Bridge(config, observers=recorder, gates=[gate])
     await nursery.start(bridge.serve, [listener])
-    return Running(listener.getsockname()[1], gate, recorder)
+    return Running(0 if unix else listener.getsockname()[1], gate, recorder)
 
 
 async def open_session(port: int, source: str, prefix: bytes = b"", **headers: str) -> RawClient:
@@ -416,7 +424,7 @@ async def test_tls_follows_the_header(
     nursery: trio.Nursery, echo_target: TcpTarget, tmp_path: Path, pki: Pki
 ) -> None:
     """wss:// through a TCP load balancer: the header comes first, then the TLS bytes."""
-    fields = {"proxy_protocol": (PROXY,), "tls": pki.settings(ssl_only=True)}
+    fields: dict[str, Any] = {"proxy_protocol": (PROXY,), "tls": pki.settings(ssl_only=True)}
     with trio.fail_after(15):
         running = await start_bridge(nursery, echo_target, tmp_path, **fields)
         stream = await open_from(running.port, PROXY)
@@ -514,10 +522,41 @@ async def test_forwarding_headers_only_from_trusted_proxies(
     assert [info.via for info in running.gate.seen][:2] == [None, trusted.local_address]
 
 
+async def unix_upgrade(path: Path, prefix: bytes = b"", **headers: str) -> None:
+    """One WebSocket upgrade over a Unix socket, closed once the 101 has arrived."""
+    sock = trio.socket.socket(socket.AF_UNIX)
+    await sock.connect(str(path))
+    async with trio.SocketStream(sock) as stream:
+        await stream.send_all(prefix + ws_request(**headers))
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = await stream.receive_some(4096)
+            assert chunk, reply
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 101 "), reply
+
+
+@pytest.mark.parametrize("option", ["proxy_protocol", "trusted_proxies"])
+async def test_a_proxy_on_a_unix_socket_is_trusted_by_its_uid(
+    nursery: trio.Nursery, echo_target: TcpTarget, tmp_path: Path, option: str
+) -> None:
+    """nginx or HAProxy on the same host, connecting to --unix-listen: uid:N."""
+    path = tmp_path / "ws.sock"
+    fields: dict[str, Any] = {option: (f"uid:{os.getuid()}",)}
+    with trio.fail_after(15):
+        running = await start_bridge(nursery, echo_target, tmp_path, unix=path, **fields)
+        if option == "proxy_protocol":
+            await unix_upgrade(path, b"PROXY TCP4 203.0.113.7 10.0.0.1 40112 80\r\n")
+        else:
+            await unix_upgrade(path, X_Forwarded_For="203.0.113.7:40112")
+    (seen,) = running.gate.seen
+    assert seen.peer == "203.0.113.7:40112" and seen.via and seen.via.startswith("unix(uid=")
+
+
 async def test_rfc_7239_forwarded_when_chosen(
     nursery: trio.Nursery, echo_target: TcpTarget, tmp_path: Path
 ) -> None:
-    fields = {"trusted_proxies": (PROXY,), "forwarded_header": "forwarded"}
+    fields: dict[str, Any] = {"trusted_proxies": (PROXY,), "forwarded_header": "forwarded"}
     with trio.fail_after(15):
         running = await start_bridge(nursery, echo_target, tmp_path, **fields)
         header = 'for=198.51.100.1, for="[2001:db8::7]:4711";proto=https'

@@ -379,7 +379,8 @@ def _add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="CIDR[,CIDR]",
-        help="reverse proxies whose forwarding header names the client (repeatable)",
+        help="reverse proxies whose forwarding header names the client (repeatable); "
+        "both options also take uid:N, a proxy on --unix-listen",
     )
     proxies.add_argument(
         "--forwarded-header",

@@ -247,11 +247,17 @@ FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
 
 
 def _check_networks(flag: str, texts: tuple[str, ...]) -> None:
+    """Addresses, networks, or ``uid:N``: the user of a Unix-socket peer (a proxy on the
+    same host connecting to ``--unix-listen``)."""
     for text in texts:
+        if text.startswith("uid:") and text[4:].isdigit():
+            continue
         try:
             ipaddress.ip_network(text, strict=False)
         except ValueError:
-            raise ConfigError(f"{flag}: {text!r} is not an address or a network (CIDR)") from None
+            raise ConfigError(
+                f"{flag}: {text!r} is not an address, a network (CIDR) or uid:N"
+            ) from None
 
 
 class WrapMode(enum.Enum):

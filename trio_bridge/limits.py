@@ -69,23 +69,30 @@ def parse_networks(texts: Iterable[str], flag: str) -> tuple[Network, ...]:
 
 
 class Networks:
-    """Networks asked about client addresses given as text (``--proxy-protocol``,
-    ``--trusted-proxy``); an IPv4-mapped IPv6 address counts as its IPv4 address, and
-    text that is not an address is in no network."""
+    """Networks and Unix-socket users (``uid:N``) asked about client addresses given as
+    text: an IP address, or ``uid:N`` for a Unix-socket peer (``--proxy-protocol``,
+    ``--trusted-proxy``). An IPv4-mapped IPv6 address counts as its IPv4 address; other
+    text is in none of them."""
 
-    def __init__(self, networks: tuple[Network, ...] = ()) -> None:
+    def __init__(
+        self, networks: tuple[Network, ...] = (), uids: frozenset[int] = frozenset()
+    ) -> None:
         self.networks = networks
+        self.uids = uids
 
     @classmethod
     def parse(cls, texts: Iterable[str], flag: str) -> Networks:
-        return cls(parse_networks(texts, flag))
+        texts = tuple(texts)
+        return cls(parse_networks(texts, flag), exempt_uids(texts, flag))
 
     def __bool__(self) -> bool:
-        return bool(self.networks)
+        return bool(self.networks or self.uids)
 
     def __contains__(self, address: object) -> bool:
-        if not self.networks or not isinstance(address, str):
+        if not isinstance(address, str):
             return False
+        if address.startswith("uid:"):
+            return address[4:].isdigit() and int(address[4:]) in self.uids
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:

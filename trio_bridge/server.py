@@ -51,7 +51,7 @@ from .limits import AddressLimiter, Handshake, HandshakeBudget, Networks, client
 from .listeners import ACCEPT_RETRY, accept_forever
 from .logs import RateLimitedLog, escape
 from .metrics import BridgeMetrics
-from .netio import close_socket, drain_until_eof, peer_name
+from .netio import close_socket, drain_until_eof, peer_name, peer_uid
 from .observe import ObserverFactory, SessionInfo, SessionObserver
 from .proxy_header import ProxyHeaderError
 from .request_target import redact
@@ -82,8 +82,9 @@ MAX_LINGERING_REFUSALS = 64
 class Client:
     """Who a connection serves: its TCP peer, or the client a trusted proxy names
     (docs/scaling.md). ``name`` is what every log line, the session record and the
-    gates see; ``address`` (an IP, None for a Unix-socket peer) is what per-address
-    limits count; ``via`` is the proxy's own address when a proxy named the client."""
+    gates see; ``address`` (an IP, or ``uid:N`` for a Unix-socket peer) is what
+    ``--proxy-protocol``/``--trusted-proxy`` are asked about and per-address limits
+    count; ``via`` is the proxy's own address when a proxy named the client."""
 
     name: str
     address: str | None
@@ -295,7 +296,8 @@ class Bridge:
 
     async def _admit_and_serve(self, sock: socket.socket) -> None:
         peer = peer_name(sock)
-        client = Client(peer, client_ip(sock))
+        uid = peer_uid(sock)
+        client = Client(peer, client_ip(sock) if uid is None else f"uid:{uid}")
         # Proxies that name their clients are exempt here: their clients are admitted
         # once they are known (after the PROXY header, or after the request).
         admission = self.address_limits.admit(sock, peer)  # logs its own refusals
