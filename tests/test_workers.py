@@ -12,11 +12,14 @@ import re
 import signal
 import urllib.request
 from contextlib import AsyncExitStack, suppress
+from pathlib import Path
 
 import pytest
 import trio
 from websockets.exceptions import ConnectionClosed
 from websockets.trio.client import ClientConnection
+
+from trio_bridge.recording import load_recording
 
 from .conftest import TcpTarget, free_port
 from .test_systemd import (
@@ -138,6 +141,24 @@ async def test_a_killed_worker_is_restarted_and_the_bridge_serves_on(
             assert await bridge.exit_status() == 0
             for pid in worker_pids(bridge).values():
                 await process_gone(pid)
+
+
+async def test_every_workers_recordings_land_in_the_one_folder(
+    echo_target: TcpTarget, tmp_path: Path
+) -> None:
+    port = free_port()
+    argv = [BRIDGE, "--workers", "2", "--record", str(tmp_path), str(port), target_arg(echo_target)]
+    with trio.fail_after(TIMEOUT * 2):
+        async with spawn(argv, env=clean_env()) as bridge:
+            await bridge.wait_for_output("2 workers serving")
+            async with AsyncExitStack() as stack:
+                await open_sessions(stack, f"ws://127.0.0.1:{port}/", 12)
+            bridge.signal(signal.SIGTERM)  # each worker's recorder finishes its files
+            assert await bridge.exit_status() == 0
+    names = [name for name in os.listdir(tmp_path) if name.endswith(".tbrec")]
+    recordings = [load_recording(tmp_path / name) for name in names]
+    assert len(recordings) == 12
+    assert all(r.status.complete for r in recordings)
 
 
 async def test_workers_stop_when_the_main_process_is_killed(echo_target: TcpTarget) -> None:
