@@ -70,8 +70,8 @@ class Comparator(Protocol):
         ...
 
     def sync(self) -> None:
-        """A sync point: the live server caught up (before a client message, and at the
-        end); a comparator of states (screens) compares them here."""
+        """A sync point: the live server caught up before a client message; a comparator
+        of states (screens) compares them here (and once more in ``findings``)."""
         ...
 
     def findings(self) -> list[Finding]:

@@ -8,18 +8,21 @@ the live one:
 - the phases: ProtocolVersion, security (None and VNC authentication; the recorded
   response is replayed), ClientInit/ServerInit, then client and server messages;
 - a framebuffer per side, painted by the server's FramebufferUpdates. The recorded side
-  is decoded from the encodings the recorded server chose among Raw, CopyRect, RRE and
-  Hextile; the live side is asked for Raw and CopyRect only: the recorded client's
-  SetEncodings is rewritten before it is sent (pseudo-encodings this module can skip,
-  such as the cursor shape, are kept: without them the server would draw the cursor
-  into the screen);
+  is decoded from the encodings the recorded server chose among Raw, CopyRect, RRE,
+  Hextile and Tight (not its JPEG); the live side is asked for Raw and CopyRect only:
+  the recorded client's SetEncodings is rewritten before it is sent (pseudo-encodings
+  this module can skip, such as the cursor shape, are kept: without them the server
+  would draw the cursor into the screen);
 - at each sync point (the live server has caught up with the recording before a client
   message is sent, and at the end) the two screens are compared, and each region that
   differs is reported once, with the colours seen there on each side. ``images``: a
   folder where expected / actual / diff PNG images are written.
 
-Pacing: the live side has caught up when it reached the recorded side's phase and
-sent as many FramebufferUpdates, or has answered every update request sent to it.
+Pacing: the live side has caught up when it is not in the middle of a message and has
+reached the recorded side's phase and as many FramebufferUpdates, or has answered every
+update request sent to it (an update that only announces the size or name answers none).
+A screen difference is reported when it is there at the end, or at two sync points in a
+row.
 
 A recorded encoding or message this module cannot decode stops the screen comparison
 at that point (said in the report); the phases before it are still compared.
@@ -38,13 +41,20 @@ from pathlib import Path
 from .compare import Finding
 from .messages import Message
 
-RAW, COPY_RECT, RRE, HEXTILE = 0, 1, 2, 5
-DECODED = {RAW, COPY_RECT, RRE, HEXTILE}
+RAW, COPY_RECT, RRE, HEXTILE, TIGHT = 0, 1, 2, 5, 7
+DECODED = {RAW, COPY_RECT, RRE, HEXTILE, TIGHT}
 LIVE_ENCODINGS = (RAW, COPY_RECT)  # asked of the live server: the simplest to decode
-CURSOR, X_CURSOR, DESKTOP_SIZE, LAST_RECT, POINTER_POS, EXT_DESKTOP_SIZE = (
-    -239, -240, -223, -224, -232, -308,
+CURSOR, X_CURSOR, DESKTOP_SIZE, LAST_RECT, POINTER_POS, EXT_DESKTOP_SIZE, DESKTOP_NAME = (
+    -239, -240, -223, -224, -232, -308, -307,
 )  # fmt: skip
-SKIPPED_PSEUDO = {CURSOR, X_CURSOR, DESKTOP_SIZE, LAST_RECT, POINTER_POS, EXT_DESKTOP_SIZE}
+SKIPPED_PSEUDO = {
+    CURSOR, X_CURSOR, DESKTOP_SIZE, LAST_RECT, POINTER_POS, EXT_DESKTOP_SIZE, DESKTOP_NAME,
+}  # fmt: skip
+# Sent by servers unasked (after SetEncodings): they answer no update request.
+ANNOUNCEMENTS = {DESKTOP_SIZE, EXT_DESKTOP_SIZE, DESKTOP_NAME}
+# Capabilities whose messages this module parses (QEMU keys, XVP, Fence, continuous
+# updates, extended clipboard): kept in the live SetEncodings, the client may use them.
+CAPABILITIES = {-258, -309, -312, -313, 0xC0A1E5CE - (1 << 32)}
 # Quality and compression levels change no message's layout.
 LEVELS = {*range(-32, -22), *range(-256, -246)}
 TILE = 16  # the grid on which differing pixels are grouped into regions
@@ -168,14 +178,23 @@ class RfbSide:
         self.updates = 0  # complete FramebufferUpdates
         self.full_updates = 0  # of which covered the whole screen
         self.requests = 0  # FramebufferUpdateRequests the client sent
+        self.answers = 0  # updates that answer one: not a bare size or name announcement
+        self.encodings_seen: set[int] = set()  # in the server's rectangles
         self.stopped = ""
         self._server = bytearray()
         self._challenged = False
+        self._tight = _Tight()
         self._rects_left = 0
+        self._announcement = False  # the update so far only announces size or name
         self._update_area = 0
         self._client = bytearray()
         self._client_phase = Phase.VERSION
         self._client_stopped = False
+
+    @property
+    def busy(self) -> bool:
+        """In the middle of a server message."""
+        return bool(self._rects_left or self._server)
 
     # -- the server's stream --------------------------------------------------------------
 
@@ -272,6 +291,7 @@ class RfbSide:
             _need(buffer, 4)
             (self._rects_left,) = struct.unpack_from(">H", buffer, 2)
             self._update_area = 0
+            self._announcement = bool(self._rects_left)
             if not self._rects_left:
                 self._update_done()
             return 4
@@ -286,6 +306,13 @@ class RfbSide:
             return 6 + 6 * count
         if kind == 2:  # Bell
             return 1
+        if kind == 150:  # EndOfContinuousUpdates
+            return 1
+        if kind == 250:  # XVP
+            return _need(buffer, 4)
+        if kind == 248:  # Fence
+            _need(buffer, 9)
+            return _need(buffer, 9 + buffer[8])
         if kind == 3:  # ServerCutText
             _need(buffer, 8)
             length = int(struct.unpack_from(">i", buffer, 4)[0])
@@ -296,6 +323,7 @@ class RfbSide:
 
     def _update_done(self) -> None:
         self.updates += 1
+        self.answers += not self._announcement
         screen = self.screen
         if screen is not None and self._update_area >= screen.width * screen.height:
             self.full_updates += 1
@@ -305,9 +333,14 @@ class RfbSide:
         assert screen is not None
         _need(buffer, 12)
         x, y, w, h, encoding = struct.unpack_from(">HHHHi", buffer)
+        self.encodings_seen.add(encoding)
+        self._announcement &= encoding in ANNOUNCEMENTS
         body = memoryview(buffer)[12:]
         try:
             used = self._decode(encoding, x, y, w, h, body)
+        except _Undecodable as exc:
+            self.stopped = f"{exc} (in an update at {x},{y} {w}x{h})"
+            used = -1
         finally:
             body.release()
         if used < 0:
@@ -339,13 +372,19 @@ class RfbSide:
             return _rre(screen, x, y, w, h, body)
         if encoding == HEXTILE:
             return _hextile(screen, x, y, w, h, body)
+        if encoding == TIGHT:
+            return self._tight.decode(screen, x, y, w, h, body)
+        if encoding == DESKTOP_NAME:
+            _need(body, 4)
+            return _need(body, 4 + int(struct.unpack_from(">I", body)[0]))
         if encoding in (DESKTOP_SIZE, EXT_DESKTOP_SIZE):
             used = 0
             if encoding == EXT_DESKTOP_SIZE:
                 _need(body, 4)
                 used = 4 + 16 * body[0]
                 _need(body, used)
-            screen.resize(w, h, screen.format)
+            if (w, h) != (screen.width, screen.height):  # servers also announce the size
+                screen.resize(w, h, screen.format)
             return used
         if encoding == CURSOR:
             return _need(body, w * h * size + (w + 7) // 8 * h)
@@ -410,7 +449,7 @@ class RfbSide:
     def _client_message(self, rewrite: bool) -> tuple[int, bytes | None]:
         buffer = self._client
         kind = buffer[0]
-        sizes = {3: 10, 4: 8, 5: 6, 150: 10}
+        sizes = {3: 10, 4: 8, 5: 6, 150: 10, 250: 4}
         if kind in sizes:
             _need(buffer, sizes[kind])
             self.requests += kind == 3
@@ -439,7 +478,7 @@ class RfbSide:
 def _set_encodings(encodings: tuple[int, ...]) -> bytes:
     """The live SetEncodings: Raw and CopyRect, then the recorded pseudo-encodings this
     module can skip (cursor shape, desktop size, ...) and levels, in the recorded order."""
-    kept = [e for e in encodings if e in SKIPPED_PSEUDO or e in LEVELS]
+    kept = [e for e in encodings if e in SKIPPED_PSEUDO or e in LEVELS or e in CAPABILITIES]
     chosen = [*LIVE_ENCODINGS, *kept]
     return struct.pack(f">BxH{len(chosen)}i", 2, len(chosen), *chosen)
 
@@ -516,6 +555,117 @@ def _hextile(screen: Screen, x: int, y: int, w: int, h: int, body: memoryview) -
     for how, px, py, pw, ph, data in paints:
         (screen.put if how == "put" else screen.fill)(px, py, pw, ph, data)
     return position
+
+
+class _Tight:
+    """The Tight encoding (the RFB community spec; what x11vnc sends noVNC): fill, and
+    basic compression with the copy and palette filters, through four zlib streams kept
+    per connection. JPEG and the gradient filter (which noVNC does not decode either)
+    stop the decoding. Nothing is consumed until a rectangle is complete, so a zlib
+    stream sees each block once."""
+
+    def __init__(self) -> None:
+        self.streams = [zlib.decompressobj() for _ in range(4)]
+
+    def decode(self, screen: Screen, x: int, y: int, w: int, h: int, body: memoryview) -> int:
+        _need(body, 1)
+        control = body[0]
+        kind = control >> 4
+        pixel_size = 3 if _tight_rgb(screen.format) else screen.format.size
+        if kind == 8:  # fill
+            used = _need(body, 1 + pixel_size)
+            self._reset(control)
+            screen.fill(x, y, w, h, self._pixel(screen, bytes(body[1:used])))
+            return used
+        if kind & 8:
+            raise _Undecodable(f"Tight {'JPEG' if kind == 9 else 'PNG'} is not decoded")
+        position, filter_id = 1, 0
+        if control & 0x40:
+            _need(body, 2)
+            filter_id, position = body[1], 2
+        palette: list[bytes] = []
+        if filter_id == 1:
+            _need(body, position + 1)
+            count = body[position] + 1
+            end = _need(body, position + 1 + count * pixel_size)
+            palette = [
+                self._pixel(screen, bytes(body[i : i + pixel_size]))
+                for i in range(position + 1, end, pixel_size)
+            ]
+            position = end
+        elif filter_id != 0:
+            raise _Undecodable("the Tight gradient filter is not decoded")
+        bits = 1 if 0 < len(palette) <= 2 else 8
+        size = ((w * bits + 7) // 8) * h if palette else w * h * pixel_size
+        data, position = self._data(body, position, size, (control >> 4) & 3, control)
+        if palette:
+            screen.put(x, y, w, h, _unpalette(data, palette, w, h, bits))
+        else:
+            pixels = [data[i : i + pixel_size] for i in range(0, len(data), pixel_size)]
+            screen.put(x, y, w, h, b"".join(self._pixel(screen, p) for p in pixels))
+        return position
+
+    def _data(
+        self, body: memoryview, position: int, size: int, stream: int, control: int
+    ) -> tuple[bytes, int]:
+        """The rectangle's pixel data: raw when under 12 bytes, else zlib (compact length)."""
+        if size < 12:
+            end = _need(body, position + size)
+            self._reset(control)
+            return bytes(body[position:end]), end
+        length, position = _compact_length(body, position)
+        end = _need(body, position + length)
+        self._reset(control)
+        data = self.streams[stream].decompress(bytes(body[position:end]))
+        return data, end
+
+    def _reset(self, control: int) -> None:
+        for i in range(4):
+            if control >> i & 1:
+                self.streams[i] = zlib.decompressobj()
+
+    @staticmethod
+    def _pixel(screen: Screen, value: bytes) -> bytes:
+        """A TPIXEL (R, G, B bytes when the format allows) as a pixel of the screen."""
+        pf = screen.format
+        if not _tight_rgb(pf):
+            return value
+        r, g, b = value
+        number = r << pf.shifts[0] | g << pf.shifts[1] | b << pf.shifts[2]
+        return number.to_bytes(pf.size, "big" if pf.big_endian else "little")
+
+
+class _Undecodable(Exception):
+    """An encoding variant this module does not decode; the message says which."""
+
+
+def _tight_rgb(pf: PixelFormat) -> bool:
+    return pf.true_colour and pf.bits == 32 and pf.depth == 24 and pf.maxima == (255, 255, 255)
+
+
+def _compact_length(body: memoryview, position: int) -> tuple[int, int]:
+    length = 0
+    for i in range(3):
+        _need(body, position + i + 1)
+        byte = body[position + i]
+        length |= (byte & (0x7F if i < 2 else 0xFF)) << (7 * i)
+        if i == 2 or not byte & 0x80:
+            return length, position + i + 1
+    raise AssertionError("unreachable")
+
+
+def _unpalette(data: bytes, palette: list[bytes], w: int, h: int, bits: int) -> bytes:
+    out = bytearray()
+    if bits == 8:
+        for index in data[: w * h]:
+            out += palette[index] if index < len(palette) else palette[0]
+        return bytes(out)
+    row_bytes = (w + 7) // 8
+    for row in range(h):
+        for column in range(w):
+            bit = data[row * row_bytes + column // 8] >> (7 - column % 8) & 1
+            out += palette[bit] if bit < len(palette) else palette[0]
+    return bytes(out)
 
 
 # -- comparing two screens -------------------------------------------------------------------
@@ -658,6 +808,7 @@ class RfbComparator:
     found: list[Finding] = field(default_factory=list)
     syncs: int = 0
     _reported: set[object] = field(default_factory=set)
+    _pending: object = None  # a screen difference seen at the last sync point
     _last_time_us: int = 0
 
     def client_sends(self, payload: bytes) -> bytes:
@@ -679,16 +830,18 @@ class RfbComparator:
             return live.phase > recorded.phase
         if live.phase is not Phase.NORMAL:
             return True
-        return live.updates >= recorded.updates or live.updates >= live.requests
+        if live.busy:
+            return False  # in the middle of a message (a large update arrives in pieces)
+        return live.updates >= recorded.updates or live.answers >= live.requests
 
-    def sync(self) -> None:
+    def sync(self, final: bool = False) -> None:
         """A sync point: compare the phases reached so far, and the screens."""
         self.syncs += 1
         self._compare_phases()
-        self._compare_screens()
+        self._compare_screens(final)
 
     def findings(self) -> list[Finding]:
-        self.sync()
+        self.sync(final=True)
         for side, label in ((self.recorded, "recorded"), (self.live, "live")):
             if side.stopped:
                 self._report(
@@ -724,17 +877,22 @@ class RfbComparator:
                     f"got {b.width}x{b.height} @@",
                 )
 
-    def _compare_screens(self) -> None:
+    def _compare_screens(self, final: bool) -> None:
+        """A difference is reported when it is there at the end, or at two sync points in
+        a row: a server may answer a request in two updates (say, the cursor shape, then
+        the pixels), and a sync point can fall between them."""
         a, b = self.recorded.screen, self.live.screen
         if a is None or b is None or (self.recorded.stopped and self.syncs > 1):
             return
-        if (a.width, a.height, a.format) != (b.width, b.height, b.format):
-            return
-        if a.pixels == b.pixels:
+        if (a.width, a.height, a.format) != (b.width, b.height, b.format) or a.pixels == b.pixels:
+            self._pending = None
             return
         regions = differing_regions(a, b)
         key = ("screen", tuple((r.x, r.y, r.width, r.height, r.expected, r.got) for r in regions))
         if key in self._reported:
+            return
+        if not final and key != self._pending:
+            self._pending = key
             return
         body = [f"  {r.describe()}" for r in regions[:MAX_REGIONS]]
         if len(regions) > MAX_REGIONS:
