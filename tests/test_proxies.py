@@ -690,7 +690,7 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection $connection_upgrade;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            {forwarding}
         }}
     }}
 }}
@@ -712,8 +712,18 @@ async def wait_listening(port: int, process: ProcessLog) -> None:
         return
 
 
+# How nginx appends the client to each header. For Forwarded it has no variable of its
+# own: an absent header leaves an empty first element, which lists may hold.
+NGINX_FORWARDING = {
+    "x-forwarded-for": "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+    "forwarded": 'proxy_set_header Forwarded "$http_forwarded, for=$remote_addr";',
+}
+
+
 @asynccontextmanager
-async def nginx(nursery: trio.Nursery, folder: Path, bridge_port: int) -> AsyncIterator[int]:
+async def nginx(
+    nursery: trio.Nursery, folder: Path, bridge_port: int, header: str
+) -> AsyncIterator[int]:
     """nginx as a WebSocket reverse proxy to the bridge, run as the current user."""
     prefix = folder / "nginx"
     prefix.mkdir()
@@ -723,7 +733,13 @@ async def nginx(nursery: trio.Nursery, folder: Path, bridge_port: int) -> AsyncI
     if os.geteuid() == 0:
         user = f"user {pwd.getpwuid(os.getuid()).pw_name} {grp.getgrgid(os.getgid()).gr_name};"
     (prefix / "nginx.conf").write_text(
-        NGINX.format(user=user, prefix=prefix, port=port, bridge=bridge_port)
+        NGINX.format(
+            user=user,
+            prefix=prefix,
+            port=port,
+            bridge=bridge_port,
+            forwarding=NGINX_FORWARDING[header],
+        )
     )
     directives = f"daemon off; pid {prefix}/nginx.pid; error_log {prefix}/error.log;"
     argv = [
@@ -742,14 +758,22 @@ async def nginx(nursery: trio.Nursery, folder: Path, bridge_port: int) -> AsyncI
         yield port
 
 
-async def test_nginx_x_forwarded_for_names_the_client(
-    nursery: trio.Nursery, echo_target: TcpTarget, tmp_path: Path, bridge_log: LogWaiter
+@pytest.mark.parametrize("header", ["x-forwarded-for", "forwarded"])
+async def test_nginx_names_the_client(
+    nursery: trio.Nursery,
+    echo_target: TcpTarget,
+    tmp_path: Path,
+    bridge_log: LogWaiter,
+    header: str,
 ) -> None:
+    fields: dict[str, Any] = {"trusted_proxies": (PROXY,), "forwarded_header": header}
+    # The client's own header is kept by nginx, left of the address it adds; the other
+    # header, which nginx passes on untouched, is not read at all.
+    spoofs = {"X_Forwarded_For": "198.51.100.1", "Forwarded": "for=198.51.100.2"}
     with trio.fail_after(20):
-        running = await start_bridge(nursery, echo_target, tmp_path, trusted_proxies=(PROXY,))
-        async with nginx(nursery, tmp_path, running.port) as port:
-            # The client's own X-Forwarded-For is kept by nginx, left of the address it adds.
-            first = await open_session(port, CLIENT, X_Forwarded_For="198.51.100.1")
+        running = await start_bridge(nursery, echo_target, tmp_path, **fields)
+        async with nginx(nursery, tmp_path, running.port, header) as port:
+            first = await open_session(port, CLIENT, **spoofs)
             assert await refused_with(port, CLIENT) == 429
             await bridge_log.wait_for(f"client {CLIENT}: refused with 429")
             other = await open_session(port, NEIGHBOUR)
