@@ -769,11 +769,11 @@ async def test_nginx_names_the_client(
     fields: dict[str, Any] = {"trusted_proxies": (PROXY,), "forwarded_header": header}
     # The client's own header is kept by nginx, left of the address it adds; the other
     # header, which nginx passes on untouched, is not read at all.
-    spoofs = {"X_Forwarded_For": "198.51.100.1", "Forwarded": "for=198.51.100.2"}
     with trio.fail_after(20):
         running = await start_bridge(nursery, echo_target, tmp_path, **fields)
         async with nginx(nursery, tmp_path, running.port, header) as port:
-            first = await open_session(port, CLIENT, **spoofs)
+            spoofs = {"X_Forwarded_For": "198.51.100.1", "Forwarded": "for=198.51.100.2"}
+            first = await open_session(port, CLIENT, b"", **spoofs)
             assert await refused_with(port, CLIENT) == 429
             await bridge_log.wait_for(f"client {CLIENT}: refused with 429")
             other = await open_session(port, NEIGHBOUR)
