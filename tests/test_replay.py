@@ -397,3 +397,20 @@ async def test_drive_reports_a_server_that_stalls_and_closes_with_another_code(
     assert report.close_problem == "recorded close 4001 'bye', got close 4002 'bye'"
     (stall,) = report.stalls
     assert stall.startswith("before the client message at 0.003 s: waited 0.5 s for the")
+
+
+async def test_drive_lets_the_server_finish_before_the_recorded_close(
+    nursery: trio.Nursery, recording: Path, start_ws_bridge: StartBridge
+) -> None:
+    """After a stall (a shorter greeting: the byte count never catches up), messages go
+    without waiting, but the close still waits for the server's answer: sent at once, it
+    would cut the server off through the bridge, and the report would blame the server
+    for the bytes it never had the time to send."""
+    shorter = await start_tcp_target(nursery, scripted_target(greeting=b"RFB 003.8\n"))
+    bridge = await start_ws_bridge(shorter)
+    comparator = StreamComparator()
+    with trio.fail_after(20):
+        report = await drive(recording, url=bridge.url, delay=False, timeout=1, compare=comparator)
+    (divergence,) = comparator.found
+    assert divergence.index == 1 and divergence.got == b"8\n", report.lines()
+    assert len(report.stalls) == 1 and report.received_bytes == report.expected_bytes - 2

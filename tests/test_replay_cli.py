@@ -430,3 +430,25 @@ def _read_pty(fd: int) -> bytes:
         return os.read(fd, 65536) if select.select([fd], [], [], 0)[0] else b""
     except OSError:  # EIO: the terminal side is closed and drained
         return b""
+
+
+def test_usage_errors_of_compare_images_and_web(
+    recording_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    drive_args = ["drive", str(recording_file), "--target", "127.0.0.1:9"]
+    cases = [
+        ([*drive_args, "--compare", "pixels"], "--compare: unknown comparator 'pixels'"),
+        ([*drive_args, "--compare", "no_such_module:x"], "--compare: No module named"),
+        ([*drive_args, "--images", str(tmp_path)], "--images needs --compare rfb"),
+        (["serve", str(recording_file), "--web", str(tmp_path)], f"--web {tmp_path}: no vnc.html"),
+    ]
+    for args, message in cases:
+        status, out, err = replay(capsys, *args)
+        assert status == 2 and out == "", (args, out)
+        (line,) = err.splitlines()
+        assert line.startswith(f"trio-bridge-replay: {message}"), line
+
+
+@pytest.fixture
+def recording_file(tmp_path: Path) -> Path:
+    return gap_recording(tmp_path / "any.tbrec")

@@ -341,7 +341,7 @@ class _ClientPlayback:
     async def _send(self, record: FrameRecord) -> bool:
         """Send a recorded client frame when its time comes; False if the server closed."""
         seconds = record.time_us / 1e6
-        await self._pace(seconds)
+        await self._pace(seconds, closing=record.kind is Kind.CLOSE)
         payload = record.payload
         if record.is_data:
             payload = self.received.comparator.client_sends(payload)
@@ -356,10 +356,13 @@ class _ClientPlayback:
             self.report.sent_messages += 1
         return True
 
-    async def _pace(self, seconds: float) -> None:
-        """Wait until the server has sent what the recorded client had received by then
-        (after one such wait times out, no more), then until the recorded time."""
-        if not self.report.stalls and not await self._wait_for_server():
+    async def _pace(self, seconds: float, closing: bool = False) -> None:
+        """Wait until the server has caught up with what the recorded client had received
+        by then (after one such wait times out, no more, except before the close, which
+        would cut the server off), then until the recorded time."""
+        if self.report.stalls and closing:
+            await self._wait_for_server()
+        elif not self.report.stalls and not await self._wait_for_server():
             self.report.stalls.append(
                 f"before the client message at {seconds:.3f} s: waited {self.timeout:g} s "
                 f"for the server's answer to what came before (recorded: "
