@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import trio
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from . import listeners as listeners_mod
 from . import proxy_header
@@ -552,11 +553,8 @@ class Bridge:
         if client.address in self.trusted_proxies:
             refusal = self._forwarded_for(request, client, admissions)
             channel.peer = client.name
-            if refusal is not None:
-                response = channel.protocol.reject(refusal.status, f"{refusal.reason}\n")
-                for name, value in refusal.headers:
-                    response.headers[name] = value
-                await self._answer_http(channel, request, response)
+            if refusal is not None:  # over the named client's limits
+                await self._answer_http(channel, request, _reject(channel.protocol, refusal))
                 return
         if self.http is not None and not is_websocket_upgrade(request):
             answer = await self.http.respond(request, channel.peer)
@@ -611,9 +609,7 @@ class Bridge:
                 await gate.check(request, info)
             return response, await self.resolver.resolve(request, channel.peer)
         except HttpRefusal as refusal:
-            response = protocol.reject(refusal.status, f"{refusal.reason}\n")
-            for name, value in refusal.headers:
-                response.headers[name] = value
+            response = _reject(protocol, refusal)
         except Exception:
             # A gate or resolver (possibly an operator's plugin) failed: this client
             # gets a 500, every other connection carries on.
@@ -732,6 +728,14 @@ class Bridge:
             await channel.transport.aclose()
             return
         await channel.linger_and_close(limits.close_timeout)
+
+
+def _reject(protocol: ServerProtocol, refusal: HttpRefusal) -> Response:
+    """The HTTP answer to a parsed request that is refused."""
+    response = protocol.reject(refusal.status, f"{refusal.reason}\n")
+    for name, value in refusal.headers:
+        response.headers[name] = value
+    return response
 
 
 async def serve(
