@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,15 @@ def recorded_down(path: Path) -> list[bytes]:
     return [f.payload for f in load_recording(path).frames(Direction.DOWN) if f.is_data]
 
 
-async def play_recorded_client(url: str, frames: int, *, text: str = "hello text") -> list[bytes]:
-    """Send the recorded client's messages to ``url`` and collect ``frames`` data frames."""
+async def play_recorded_client(
+    url: str,
+    frames: int,
+    *,
+    text: str = "hello text",
+    messages: Sequence[str | bytes | list[bytes]] | None = None,
+) -> list[bytes]:
+    """Send the recorded client's messages (or ``messages``) to ``url`` and collect
+    ``frames`` data frames."""
     received: list[bytes] = []
     async with connect(
         url, subprotocols=[Subprotocol("binary")], ping_interval=None, max_size=None
@@ -59,7 +67,7 @@ async def play_recorded_client(url: str, frames: int, *, text: str = "hello text
                 done.set()
 
             nursery.start_soon(reader)
-            for message in (GREETING, text, FRAGMENTS, BIG):
+            for message in messages or [GREETING, text, FRAGMENTS, BIG]:
                 await ws.send(message)
             await (await ws.ping(b"are you there")).wait()
             await done.wait()
@@ -97,6 +105,28 @@ async def test_serve_reports_a_client_message_that_differs(
     )
     assert "- 00000012  74 65 78 74" in text and "+ 00000012  54 45 58 54" in text
     assert text.endswith("DIFFERENT")
+
+
+async def test_serve_aligns_the_clients_messages_after_a_missing_and_an_extra_one(
+    recording: Path, start_replay_server: StartReplay
+) -> None:
+    """A client that moves the mouse once more and skips a message: two differences,
+    each reported once, and the messages after them match again (by position, every
+    later message differed)."""
+    server = await start_replay_server(recording, lockstep=False, delay=False)
+    sent: list[str | bytes | list[bytes]] = [GREETING, b"mouse move", "hello text", BIG]
+    with trio.fail_after(20):
+        await play_recorded_client(server.url, len(recorded_down(recording)), messages=sent)
+        (report,) = await server.wait_reports(1)
+    assert report.matched == 3 and report.expected_messages == 4 and report.client_messages == 4
+    extra, missing = report.differences
+    assert (extra.kind, extra.index, extra.got) == ("extra", 2, b"mouse move")
+    assert (missing.kind, missing.index) == ("missing", 3)
+    assert missing.expected.startswith(b"frag1-frag2-frag3")
+    text = "\n".join(report.lines())
+    assert "@@ client->target message #2, byte 12, received at " in text
+    assert ": extra (0 recorded, 1 received) @@" in text
+    assert ": missing (1 recorded, 0 received) @@" in text
 
 
 UP, DOWN = 0x01, 0x03  # record flags of a final frame each way
