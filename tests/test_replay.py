@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from trio_bridge.pytest_plugin import StartBridge, StartReplay
 from trio_bridge.recording import GapRecord, Kind, load_recording
 from trio_bridge.recording.format import Meta
 from trio_bridge.recording.writer import RecordingFile
-from trio_bridge.replay import StreamComparator, drive
+from trio_bridge.replay import Message, StreamComparator, drive, make_comparator
 
 from .recording_support import (
     BIG,
@@ -113,7 +114,9 @@ async def test_serve_aligns_the_clients_messages_after_a_missing_and_an_extra_on
     """A client that moves the mouse once more and skips a message: two differences,
     each reported once, and the messages after them match again (by position, every
     later message differed)."""
-    server = await start_replay_server(recording, lockstep=False, delay=False)
+    # Lockstep: without it both sides would send 200 KiB at once, which can stall
+    # websockets 17's Trio connections (a reader waits for the writer's lock).
+    server = await start_replay_server(recording, lockstep=True, delay=False)
     sent: list[str | bytes | list[bytes]] = [GREETING, b"mouse move", "hello text", BIG]
     with trio.fail_after(20):
         await play_recorded_client(server.url, len(recorded_down(recording)), messages=sent)
@@ -351,8 +354,10 @@ async def test_drive_resynchronises_after_an_inserted_or_missing_message(
     )
     assert comparator.matched == len(comparator.expected) - (kind == "missing")
     assert len(report.findings) == 1
-    # A missing answer is waited for (once: later messages are sent without waiting).
-    assert len(report.stalls) == (kind == "missing")
+    # A missing answer may be waited for (once: later messages are sent without waiting;
+    # whether a client message comes between it and the next answer depends on the
+    # recording's timing); an extra one never is.
+    assert len(report.stalls) <= (kind == "missing")
 
 
 async def test_drive_ignores_how_the_server_cuts_its_bytes(
@@ -444,3 +449,53 @@ async def test_drive_lets_the_server_finish_before_the_recorded_close(
     (divergence,) = comparator.found
     assert divergence.index == 1 and divergence.got == b"8\n", report.lines()
     assert len(report.stalls) == 1 and report.received_bytes == report.expected_bytes - 2
+
+
+@pytest.mark.parametrize(
+    "answer, compare, same",
+    [
+        (b"ANSWER", "bytes", False),
+        (b"ANSWER", "messages", False),
+        (b"ANSWER", "lengths", True),  # a time stamp, say: same size, other bytes
+        (b"longer answer", "lengths", False),
+        (b"longer answer", "none", True),  # only the close is compared
+    ],
+)
+async def test_drive_compare_modes(
+    tmp_path: Path, start_replay_server: StartReplay, answer: bytes, compare: str, same: bool
+) -> None:
+    other = questions_recording(tmp_path / "other.tbrec", answer=answer)
+    server = await start_replay_server(other, lockstep=True, delay=False)
+    with trio.fail_after(10):
+        report = await drive(
+            questions_recording(tmp_path / "q.tbrec"), url=server.url, timeout=2, compare=compare
+        )
+    assert report.ok is same, report.lines()
+    assert report.lines()[1].endswith(f"; compared: {compare})")
+
+
+class CaseInsensitive(StreamComparator):
+    """A comparator plug-in (docs/replay.md): the byte comparison, ignoring ASCII case."""
+
+    def __init__(self) -> None:
+        super().__init__(mode="bytes", name="case-insensitive")
+
+    def expect(self, message: Message) -> None:
+        super().expect(replace(message, payload=message.payload.lower()))
+
+    def receive(self, message: Message) -> None:
+        super().receive(replace(message, payload=message.payload.lower()))
+
+
+async def test_drive_with_a_comparator_plug_in(nursery: trio.Nursery, recording: Path) -> None:
+    shouting = await start_tcp_target(
+        nursery, scripted_target(transform=lambda c: c.replace(b"frag2", b"FRAG2"))
+    )
+    by_name = make_comparator("tests.test_replay:CaseInsensitive")  # as --compare MODULE:NAME
+    assert isinstance(by_name, CaseInsensitive)
+    with trio.fail_after(20):
+        plain = await drive(recording, target=shouting, delay=False, timeout=2)
+        report = await drive(recording, target=shouting, delay=False, timeout=2, compare=by_name)
+    assert not plain.ok
+    assert report.ok, report.lines()
+    assert "; compared: case-insensitive)" in report.lines()[1]

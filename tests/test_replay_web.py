@@ -84,7 +84,7 @@ async def test_pause_holds_the_play_and_resume_and_speed_go_on(
 ) -> None:
     path = write_recording(
         tmp_path / "t.tbrec",
-        [(Kind.BINARY, DOWN, 1_000, b"first"), (Kind.BINARY, DOWN, 301_000, b"second")],
+        [(Kind.BINARY, DOWN, 1_000, b"first"), (Kind.BINARY, DOWN, 401_000, b"second")],
     )
     server = await start_replay_server(path, web=web)
     with trio.fail_after(10):
@@ -92,16 +92,17 @@ async def test_pause_holds_the_play_and_resume_and_speed_go_on(
             assert await ws.recv() == b"first"
             state = await trio.to_thread.run_sync(control, server.port, "pause")
             assert state == {"paused": True, "speed": 1.0}
-            with trio.move_on_after(0.6):  # twice the recorded spacing
+            with trio.move_on_after(0.8):  # twice the recorded spacing
                 await ws.recv()
                 raise AssertionError("a message came while paused")
-            await trio.to_thread.run_sync(control, server.port, "speed?x=4")
+            await trio.to_thread.run_sync(control, server.port, "speed?x=8")
             resumed = trio.current_time()
             state = await trio.to_thread.run_sync(control, server.port, "resume")
-            assert state == {"paused": False, "speed": 4.0}
+            assert state == {"paused": False, "speed": 8.0}
             assert await ws.recv() == b"second"
-            # What was left of the 300 ms (at most all of it) at 4x: at most 75 ms.
-            assert trio.current_time() - resumed < 0.2
+            # What was left of the 400 ms (at most all of it) at 8x: at most 50 ms; at 1x
+            # it would have been nearly 400 ms.
+            assert trio.current_time() - resumed < 0.3
     page = await trio.to_thread.run_sync(_get, f"http://127.0.0.1:{server.port}/")
     assert b'src="vnc.html?autoconnect=true' in page and b'id="pause"' in page
     assert await trio.to_thread.run_sync(_get, f"http://127.0.0.1:{server.port}/vnc.html")

@@ -289,7 +289,8 @@ class StreamComparator:
     one had. Divergences are about the target->client direction.
     """
 
-    name: str = "bytes"
+    mode: str = "bytes"  # one of STREAM_MODES
+    name: str = ""  # shown in the report (default: the mode)
     expected: list[Message] = field(default_factory=list)
     received: list[Message] = field(default_factory=list)
     expected_bytes: int = 0
@@ -297,16 +298,21 @@ class StreamComparator:
     matched: int = 0  # recorded messages matched (set by findings())
     found: list[Divergence] = field(default_factory=list)  # (set by findings())
 
+    def __post_init__(self) -> None:
+        if self.mode not in STREAM_MODES:
+            raise ValueError(f"mode must be one of {', '.join(STREAM_MODES)}")
+        self.name = self.name or self.mode
+
     def client_sends(self, payload: bytes) -> bytes:
         return payload
 
     def expect(self, message: Message) -> None:
-        if self.name != "none":
+        if self.mode != "none":
             self.expected.append(message)
         self.expected_bytes += len(message.payload)
 
     def receive(self, message: Message) -> None:
-        if self.name != "none":
+        if self.mode != "none":
             self.received.append(message)
         self.received_bytes += len(message.payload)
 
@@ -315,7 +321,7 @@ class StreamComparator:
         message is at the end of what came."""
         if self.received_bytes >= self.expected_bytes:
             return True
-        if not self.expected or not self.received or self.name == "none":
+        if not self.expected or not self.received or self.mode == "none":
             return False
         last = self.expected[-1].payload
         if len(last) < MIN_ANCHOR:
@@ -335,14 +341,14 @@ class StreamComparator:
 
     def divergences(self) -> list[Divergence]:
         direction = "target->client"
-        if self.name == "none":
+        if self.mode == "none":
             return []
-        if self.name == "bytes":
+        if self.mode == "bytes":
             stream = b"".join(m.payload for m in self.received)
             times = [(m.offset, m.time_us) for m in self.received]
             live = resplit(self.expected, stream, times)
             self.matched, found = align(self.expected, live, _payload, direction)
-        elif self.name == "messages":
+        elif self.mode == "messages":
             self.matched, found = align(
                 self.expected, self.received, message_key, direction, joined_equal_is_same=False
             )
