@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.trio.client import ClientConnection
 
 from trio_bridge.recording import load_recording
@@ -159,6 +159,39 @@ async def test_every_workers_recordings_land_in_the_one_folder(
     recordings = [load_recording(tmp_path / name) for name in names]
     assert len(recordings) == 12
     assert all(r.status.complete for r in recordings)
+
+
+async def test_per_address_limits_hold_across_workers(echo_target: TcpTarget) -> None:
+    """One count per address for all workers: 3 sessions from 127.0.0.1 at most, not 3 per
+    worker; a session that ends frees its place, whichever worker served it."""
+    port = free_port()
+    argv = [BRIDGE, "--workers", "2", "--limit-exempt", "none"]
+    argv += ["--max-connections-per-address", "3", str(port), target_arg(echo_target)]
+    url = f"ws://127.0.0.1:{port}/"
+    with trio.fail_after(TIMEOUT * 2):
+        async with spawn(argv, env=clean_env()) as bridge, AsyncExitStack() as stack:
+            stack.callback(lambda: print(bridge.stderr))  # shown when the test fails
+            await bridge.wait_for_output("2 workers serving")
+            sessions = await open_sessions(stack, url, 3)
+            for _ in range(6):  # each worker would take 3 more if it counted alone
+                with pytest.raises(InvalidStatus) as refused:
+                    async with ws_connect(url):
+                        pass
+                assert refused.value.response.status_code == 429
+            await sessions[0].aclose()
+            await bridge.wait_for_output(" ended: ")
+            # The release reaches the main process just after the session's end; no
+            # event tells this process when, so ask again until admitted (bounded).
+            while True:
+                try:
+                    await open_sessions(stack, url, 1)
+                    break
+                except InvalidStatus as exc:
+                    assert exc.response.status_code == 429
+                    await trio.sleep(0.05)
+            await stack.aclose()
+            bridge.signal(signal.SIGTERM)
+            assert await bridge.exit_status() == 0
 
 
 async def test_workers_stop_when_the_main_process_is_killed(echo_target: TcpTarget) -> None:

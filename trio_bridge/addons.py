@@ -24,6 +24,7 @@ import trio
 
 from .auth import OriginAllowlist, gates_for
 from .config import ServiceConfig
+from .limits import AddressLimiter
 from .listeners import bind
 from .metrics import BridgeMetrics, MetricsServer
 from .recording import recorder_for
@@ -88,6 +89,7 @@ class Addons:
         *,
         metrics: BridgeMetrics | None = None,
         metrics_listeners: Sequence[socket.socket] = (),
+        address_limits: AddressLimiter | None = None,
     ) -> None:
         """``metrics_listeners`` replace binding ``service.metrics_listen`` (systemd's
         ``metrics`` sockets)."""
@@ -116,6 +118,7 @@ class Addons:
             http=self._http(gates),
             observers=self.recorder,
             metrics=self.metrics,
+            address_limits=address_limits,
         )
         self._exit_status: int | None = None
 

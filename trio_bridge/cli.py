@@ -42,7 +42,13 @@ from .logs import EscapeControlCharacters
 from .service import run
 from .systemd import LOG_DESTINATIONS, log_handler
 from .version import __version__
-from .workers import run_worker, serve_with_workers, sockets_from_main, worker_count
+from .workers import (
+    limiter_from_main,
+    run_worker,
+    serve_with_workers,
+    sockets_from_main,
+    worker_count,
+)
 from .wrap import split_command
 
 log = logging.getLogger("trio_bridge")
@@ -654,7 +660,8 @@ def _compose(service: ServiceConfig, inherited: InheritedSockets | None) -> Addo
     if inherited is not None and inherited.connection is not None and service.workers > 1:
         raise StartupError("--workers share listening sockets; an Accept=yes connection is one")
     metrics_sockets = inherited.listening(Role.METRICS) if inherited is not None else ()
-    return Addons(service, metrics_listeners=metrics_sockets)
+    shared_limits = limiter_from_main(service.bridge)  # in a --workers worker
+    return Addons(service, metrics_listeners=metrics_sockets, address_limits=shared_limits)
 
 
 def _run(

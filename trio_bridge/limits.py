@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Self
 
 import trio
 
@@ -200,7 +201,7 @@ class AddressLimiter:
         self._sweep_at = SWEEP_MIN
 
     @classmethod
-    def for_config(cls, config: Config) -> AddressLimiter:
+    def for_config(cls, config: Config) -> Self:
         """Proxies the bridge trusts to name their clients are never limited as themselves:
         each connection is counted once, under the client address they name (the server
         admits it again once it knows that address)."""
@@ -218,18 +219,37 @@ class AddressLimiter:
 
     def admit(self, sock: socket.socket, peer: str) -> Admission | HttpRefusal:
         """Count a new connection from ``sock``'s address, or say why it is refused."""
-        if not self.enabled:
-            return Admission(None, None)
-        uid = peer_uid(sock)
-        if uid is not None:
-            key = None if uid in self.exempt_uids else f"uid:{uid}"
-            return self.admit_key(key, peer)
-        return self.admit_address(client_ip(sock), peer)
+        return self.admit_key(self.key_of(sock), peer)
 
     def admit_address(self, address: str | None, peer: str) -> Admission | HttpRefusal:
         """:meth:`admit` for a client IP address given as text (None: not limited)."""
-        key = address_key(address, self.exempt) if address is not None else None
-        return self.admit_key(key, peer)
+        return self.admit_key(self.key_of_address(address), peer)
+
+    def key_of(self, sock: socket.socket) -> str | None:
+        """What ``sock``'s connection counts under: its address (IPv6: /64) or its
+        Unix user; None when it is not limited."""
+        if not self.enabled:
+            return None
+        uid = peer_uid(sock)
+        if uid is not None:
+            return None if uid in self.exempt_uids else f"uid:{uid}"
+        return self.key_of_address(client_ip(sock))
+
+    def key_of_address(self, address: str | None) -> str | None:
+        if not self.enabled or address is None:
+            return None
+        return address_key(address, self.exempt)
+
+    async def admit_connection(self, sock: socket.socket, peer: str) -> Admission | HttpRefusal:
+        """What the server calls: :meth:`admit`, or its shared form across workers
+        (:class:`trio_bridge.workers.SharedAddressLimiter` asks the main process)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return self.admit(sock, peer)
+
+    async def admit_client(self, address: str | None, peer: str) -> Admission | HttpRefusal:
+        """What the server calls for the address a proxy names: :meth:`admit_address`."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return self.admit_address(address, peer)
 
     def admit_key(self, key: str | None, peer: str) -> Admission | HttpRefusal:
         """:meth:`admit` for a counting unit (an address, a /64, a uid; None: not limited)."""

@@ -109,7 +109,10 @@ class Bridge:
         observers: ObserverFactory | None = None,
         metrics: BridgeMetrics | None = None,
         gates: Sequence[RequestGate] | None = None,
+        address_limits: AddressLimiter | None = None,
     ) -> None:
+        """``address_limits``: instead of this bridge's own count per address (a
+        ``--workers`` worker counts in the main process)."""
         self.config = config
         if resolver is None:
             resolver = resolver_for(config)  # the fixed target, or token routing
@@ -124,7 +127,7 @@ class Bridge:
         self.gates = list(gates) if gates is not None else gates_for(config)
         self.tls = ServerTls(config.tls) if config.tls is not None else None
         self.target_tls = TargetTls(config.target_tls) if config.target_tls is not None else None
-        self.address_limits = AddressLimiter.for_config(config)
+        self.address_limits = address_limits or AddressLimiter.for_config(config)
         self.proxy_protocol = Networks.parse(config.proxy_protocol, "--proxy-protocol")
         self.trusted_proxies = Networks.parse(config.trusted_proxies, "--trusted-proxy")
         self.metrics = metrics or BridgeMetrics(process=False)
@@ -301,7 +304,7 @@ class Bridge:
         client = Client(peer, client_ip(sock) if uid is None else f"uid:{uid}")
         # Proxies that name their clients are exempt here: their clients are admitted
         # once they are known (after the PROXY header, or after the request).
-        admission = self.address_limits.admit(sock, peer)  # logs its own refusals
+        admission = await self.address_limits.admit_connection(sock, peer)  # logs refusals
         if isinstance(admission, HttpRefusal):
             self.metrics.handshake_failed(HandshakeFailure.ADDRESS_LIMIT)
             await self._refuse(sock, admission)
@@ -382,7 +385,7 @@ class Bridge:
             return True
         host, port = header.source
         client.proxied_by(host, f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        refusal = self._admit(client, admissions)
+        refusal = await self._admit(client, admissions)
         if refusal is not None:
             await self._refuse(sock, refusal)
             return False
@@ -405,9 +408,9 @@ class Bridge:
         await self._refuse(sock, HttpRefusal(400, reason), plain=True)
         return True
 
-    def _admit(self, client: Client, admissions: ExitStack) -> HttpRefusal | None:
+    async def _admit(self, client: Client, admissions: ExitStack) -> HttpRefusal | None:
         """Count the connection under the address a proxy named; held to its end."""
-        admission = self.address_limits.admit_address(client.address, client.name)
+        admission = await self.address_limits.admit_client(client.address, client.name)
         if isinstance(admission, HttpRefusal):
             self.metrics.handshake_failed(HandshakeFailure.ADDRESS_LIMIT)
             return admission
@@ -551,7 +554,7 @@ class Bridge:
             await channel.linger_and_close(self.config.limits.close_timeout)
             return
         if client.address in self.trusted_proxies:
-            refusal = self._forwarded_for(request, client, admissions)
+            refusal = await self._forwarded_for(request, client, admissions)
             channel.peer = client.name
             if refusal is not None:  # over the named client's limits
                 await self._answer_http(channel, request, _reject(channel.protocol, refusal))
@@ -568,7 +571,7 @@ class Bridge:
             return
         await self._relay(channel, request, response, address)
 
-    def _forwarded_for(
+    async def _forwarded_for(
         self, request: Request, client: Client, admissions: ExitStack
     ) -> HttpRefusal | None:
         """Take the client a trusted proxy names in its forwarding header, and admit it.
@@ -592,7 +595,7 @@ class Bridge:
         if named is None:
             return None
         client.proxied_by(*named)
-        return self._admit(client, admissions)
+        return await self._admit(client, admissions)
 
     async def _decide(
         self, channel: ClientChannel, request: Request, client: Client

@@ -23,13 +23,18 @@ per ``ListenStream=``, so the shipped units can only share it, and one code path
 both ways of starting. Every worker waits for it in epoll; the first to accept gets the
 connection (docs/scaling.md has the measured spread).
 
-Per-address limits (``--max-connections-per-address``, ``--connection-rate``) are
-counted by each worker for the connections it accepted: they do not yet hold across
-workers.
+- **Per-address limits.** ``--max-connections-per-address`` and ``--connection-rate``
+  hold across workers: each worker asks the main process (:class:`AdmissionDesk`, one
+  :class:`~trio_bridge.limits.AddressLimiter` for all) over a socket pair before it
+  admits a limited address, and tells it when the connection ends; a worker that dies
+  has its connections released. An exempt address (loopback by default) costs no
+  question. ``--max-connections`` and ``--max-handshakes`` stay per worker.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import math
 import os
@@ -40,11 +45,13 @@ import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
 from .activation import InheritedSockets, Role, adopt
+from .limits import AddressLimiter, Admission
+from .routing import HttpRefusal
 from .systemd import STATUS_INTERVAL, Notifier, monotonic_usec, watchdog_interval
 
 if TYPE_CHECKING:
@@ -52,12 +59,14 @@ if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
     from .addons import Addons
-    from .config import ServiceConfig
+    from .config import Config, ServiceConfig
 
 log = logging.getLogger("trio_bridge.workers")
 
 WORKER_FDS = "TRIO_BRIDGE_WORKER_FDS"
 WORKER_OF = "TRIO_BRIDGE_WORKER_OF"  # the main process's pid
+WORKER_LIMITS = "TRIO_BRIDGE_WORKER_LIMITS"  # the worker's end of its admission socket pair
+ASK_TIMEOUT = 2.0  # a main process this slow to answer is not waited for: admit
 PING_EVERY = 1.0  # a worker's watchdog interval (it pings twice as often as required)
 HUNG_AFTER = 10.0
 BACKOFF_FIRST, BACKOFF_MAX, STABLE_AFTER = 0.5, 30.0, 10.0
@@ -112,8 +121,10 @@ class WorkerPool:
         argv: Sequence[str],
         count: int,
         listeners: Sequence[tuple[Role, socket.socket]],
+        desk: AdmissionDesk,
     ) -> None:
         self.argv = [*argv, "--workers", "1"]  # the last --workers wins
+        self.desk = desk
         self.count = count
         self.listeners = list(listeners)
         self.workers: list[Worker] = []
@@ -185,6 +196,17 @@ class WorkerPool:
             nursery.cancel_scope.cancel()
 
     async def _run_once(self, worker: Worker) -> int:
+        desk_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.desk.serve, trio.socket.from_stdlib_socket(desk_end))
+                status = await self._spawn(worker, worker_end)
+                nursery.cancel_scope.cancel()  # its connections are released
+            return status
+        finally:
+            worker_end.close()
+
+    async def _spawn(self, worker: Worker, limits: socket.socket) -> int:
         fds = [(role, sock.fileno()) for role, sock in self.listeners]
         fds.append((Role.METRICS, worker.metrics.fileno()))
         env = {
@@ -194,16 +216,18 @@ class WorkerPool:
         }
         env[WORKER_FDS] = ",".join(f"{role.value}:{fd}" for role, fd in fds)
         env[WORKER_OF] = str(os.getpid())
+        env[WORKER_LIMITS] = str(limits.fileno())
         env["NOTIFY_SOCKET"] = "@" + worker.notify_address[1:]  # sd_notify's abstract form
         env["WATCHDOG_USEC"] = str(int(PING_EVERY * 2e6))
         worker.starts += 1
         worker.last_ping = trio.current_time()
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "trio_bridge.cli", *self.argv],
-            pass_fds=[fd for _, fd in fds],
+            pass_fds=[*(fd for _, fd in fds), limits.fileno()],
             env=env,
             process_group=0,  # a terminal's Ctrl-C reaches the main process only
         )
+        limits.close()  # the worker's now; the desk sees EOF when the worker is gone
         worker.process = process
         log.info("worker %d started (pid %d)", worker.index, process.pid)
         try:
@@ -381,7 +405,8 @@ def serve_with_workers(
         metrics = []
     if not metrics and service.metrics_listen is not None:  # as Addons does
         metrics = [bind(service.metrics_listen)]
-    pool = WorkerPool(argv, service.workers, listeners)
+    desk = AdmissionDesk(AddressLimiter.for_config(service.bridge))
+    pool = WorkerPool(argv, service.workers, listeners, desk)
     return trio.run(pool.run, metrics)
 
 
@@ -393,6 +418,9 @@ async def run_worker(addons: Addons, inherited: InheritedSockets | None) -> None
     parent = int(os.environ.pop(WORKER_OF))  # not getppid(): the main may be gone already
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_when_orphaned, parent)
+        limiter = addons.bridge.address_limits
+        if isinstance(limiter, SharedAddressLimiter):
+            nursery.start_soon(limiter.run)
         await run(addons, inherited)
         nursery.cancel_scope.cancel()
 
@@ -404,3 +432,115 @@ async def _stop_when_orphaned(parent: int) -> None:
         await trio.sleep(1)
     log.warning("the main process (pid %d) is gone: stopping", parent)
     os.kill(os.getpid(), signal.SIGTERM)  # the drain a SIGTERM starts
+
+
+# -- per-address limits across workers -----------------------------------------------------
+
+
+class AdmissionDesk:
+    """In the main process: the one count per address for every worker.
+
+    A worker's question is ``A <id> <key> <peer>``, answered ``Y <id>`` or ``N <id>``
+    with the refusal as JSON; ``R <key>`` ends one of its admitted connections. The
+    socket pair is the worker's for its life: when it is gone, everything it held is
+    released.
+    """
+
+    def __init__(self, limiter: AddressLimiter) -> None:
+        self.limiter = limiter
+
+    async def serve(self, channel: trio.socket.SocketType) -> None:
+        held: dict[str, list[Admission]] = defaultdict(list)
+        try:
+            with channel:
+                while message := await channel.recv(4096):
+                    kind, _, rest = message.decode().partition("\t")
+                    if kind == "A":
+                        ident, key, peer = rest.split("\t", 2)
+                        answer = self.limiter.admit_key(key, peer)  # logs its refusals
+                        if isinstance(answer, HttpRefusal):
+                            refusal = [answer.status, answer.reason, answer.headers]
+                            reply = f"N\t{ident}\t{json.dumps(refusal)}"
+                        else:
+                            held[key].append(answer)
+                            reply = f"Y\t{ident}"
+                        await channel.send(reply.encode())
+                    elif kind == "R" and held[rest]:
+                        held[rest].pop().release()
+        finally:
+            for admissions in held.values():
+                for admission in admissions:
+                    admission.release()
+
+
+class SharedAddressLimiter(AddressLimiter):
+    """In a worker: the keys are computed here, the counting is the main process's."""
+
+    def connect(self, fd: int) -> None:
+        self._channel = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        self._asks = itertools.count()
+        self._answers: dict[int, list[Any]] = {}  # id -> [answered, answer]
+        self._releases: list[str] = []
+        self._release_wanted = trio.Event()
+
+    async def admit_connection(self, sock: socket.socket, peer: str) -> Admission | HttpRefusal:
+        return await self._ask(self.key_of(sock), peer)
+
+    async def admit_client(self, address: str | None, peer: str) -> Admission | HttpRefusal:
+        return await self._ask(self.key_of_address(address), peer)
+
+    async def _ask(self, key: str | None, peer: str) -> Admission | HttpRefusal:
+        if key is None:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return Admission(None, None)
+        ident = next(self._asks)
+        waiter: list[Any] = [trio.Event(), None]
+        self._answers[ident] = waiter
+        try:
+            await self._channel.send(f"A\t{ident}\t{key}\t{peer}".encode())
+            with trio.move_on_after(ASK_TIMEOUT):
+                await waiter[0].wait()
+        finally:
+            del self._answers[ident]
+        answer = waiter[1]
+        if answer is None:  # better one connection over its limit than none served
+            log.warning("the main process did not answer in %g s: %s admitted", ASK_TIMEOUT, peer)
+            return Admission(None, None)
+        if answer == "":
+            return Admission(self, key)
+        status, reason, headers = json.loads(answer)
+        return HttpRefusal(status, reason, [tuple(header) for header in headers])
+
+    def _release(self, key: str) -> None:
+        self._releases.append(key)  # sent by run(): this is called outside any task
+        self._release_wanted.set()
+
+    async def run(self) -> NoReturn:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_releases)
+            while message := await self._channel.recv(4096):
+                kind, _, rest = message.decode().partition("\t")
+                ident, _, refusal = rest.partition("\t")
+                waiter = self._answers.get(int(ident))
+                if waiter is not None:
+                    waiter[1] = "" if kind == "Y" else refusal
+                    waiter[0].set()
+            raise RuntimeError("the main process closed the admission channel")
+
+    async def _send_releases(self) -> None:
+        while True:
+            await self._release_wanted.wait()
+            self._release_wanted = trio.Event()
+            releases, self._releases = self._releases, []
+            for key in releases:
+                await self._channel.send(f"R\t{key}".encode())
+
+
+def limiter_from_main(config: Config) -> SharedAddressLimiter | None:
+    """In a worker: the per-address limits shared through the main process."""
+    fd = os.environ.pop(WORKER_LIMITS, "")
+    if not fd:
+        return None
+    limiter = SharedAddressLimiter.for_config(config)
+    limiter.connect(int(fd))
+    return limiter
