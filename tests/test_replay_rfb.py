@@ -35,8 +35,8 @@ from trio_bridge.replay.rfb import (
     TIGHT,
     RfbComparator,
     RfbSide,
-    Screen,
 )
+from trio_bridge.replay.screen import Screen
 
 from .conftest import free_port
 from .test_browser import (

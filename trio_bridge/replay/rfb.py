@@ -31,15 +31,21 @@ at that point (said in the report); the phases before it are still compared.
 from __future__ import annotations
 
 import struct
-import zlib
-from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
 from .compare import Finding
 from .messages import Message
+from .rfb_encodings import (
+    NeedMore,
+    TightDecoder,
+    Undecodable,
+    decode_hextile,
+    decode_rre,
+    need,
+)
+from .screen import PixelFormat, Screen, diff_rows, differing_regions, write_png
 
 RAW, COPY_RECT, RRE, HEXTILE, TIGHT = 0, 1, 2, 5, 7
 DECODED = {RAW, COPY_RECT, RRE, HEXTILE, TIGHT}
@@ -57,7 +63,6 @@ ANNOUNCEMENTS = {DESKTOP_SIZE, EXT_DESKTOP_SIZE, DESKTOP_NAME}
 CAPABILITIES = {-258, -309, -312, -313, 0xC0A1E5CE - (1 << 32)}
 # Quality and compression levels change no message's layout.
 LEVELS = {*range(-32, -22), *range(-256, -246)}
-TILE = 16  # the grid on which differing pixels are grouped into regions
 MAX_REGIONS = 8
 
 
@@ -67,98 +72,6 @@ class Phase(IntEnum):
     AUTH = 2
     INIT = 3
     NORMAL = 4
-
-
-@dataclass(frozen=True)
-class PixelFormat:
-    bits: int = 32
-    depth: int = 24
-    big_endian: bool = False
-    true_colour: bool = True
-    maxima: tuple[int, int, int] = (255, 255, 255)
-    shifts: tuple[int, int, int] = (16, 8, 0)
-
-    @classmethod
-    def parse(cls, data: bytes) -> PixelFormat:
-        bits, depth, big, true, rm, gm, bm, rs, gs, bs = struct.unpack(">BBBBHHHBBB3x", data)
-        return cls(bits, depth, bool(big), bool(true), (rm, gm, bm), (rs, gs, bs))
-
-    @property
-    def size(self) -> int:
-        return max(self.bits // 8, 1)
-
-    def rgb(self, pixel: bytes, colours: dict[int, tuple[int, int, int]]) -> tuple[int, int, int]:
-        value = int.from_bytes(pixel, "big" if self.big_endian else "little")
-        if not self.true_colour:
-            return colours.get(value, (value, value, value))
-        return (
-            _channel(value, self.shifts[0], self.maxima[0]),
-            _channel(value, self.shifts[1], self.maxima[1]),
-            _channel(value, self.shifts[2], self.maxima[2]),
-        )
-
-
-def _channel(value: int, shift: int, maximum: int) -> int:
-    return ((value >> shift) & maximum) * 255 // maximum if maximum else 0
-
-
-class _NeedMore(Exception):
-    """The buffer ends inside what is being parsed: retry when more has arrived."""
-
-
-class Screen:
-    """A framebuffer: ``width`` x ``height`` pixels of ``pixel_format.size`` bytes."""
-
-    def __init__(self, width: int, height: int, pixel_format: PixelFormat) -> None:
-        self.resize(width, height, pixel_format)
-        self.colours: dict[int, tuple[int, int, int]] = {}
-
-    def resize(self, width: int, height: int, pixel_format: PixelFormat) -> None:
-        self.width, self.height, self.format = width, height, pixel_format
-        self.pixels = bytearray(width * height * pixel_format.size)
-
-    def _rows(self, x: int, y: int, w: int, h: int) -> Iterator[tuple[int, int]]:
-        """(start, end) in ``pixels`` of each row of the rectangle, clipped to the screen."""
-        size = self.format.size
-        x2, y2 = min(x + w, self.width), min(y + h, self.height)
-        if x >= x2:
-            return
-        for row in range(y, y2):
-            start = (row * self.width + x) * size
-            yield start, start + (x2 - x) * size
-
-    def fill(self, x: int, y: int, w: int, h: int, pixel: bytes) -> None:
-        for start, end in self._rows(x, y, w, h):
-            self.pixels[start:end] = pixel * ((end - start) // len(pixel))
-
-    def put(self, x: int, y: int, w: int, h: int, data: bytes) -> None:
-        """Raw pixels, row by row (``w`` pixels each), clipped to the screen."""
-        stride = w * self.format.size
-        for i, (start, end) in enumerate(self._rows(x, y, w, h)):
-            self.pixels[start:end] = data[i * stride : i * stride + end - start]
-
-    def copy(self, source_x: int, source_y: int, x: int, y: int, w: int, h: int) -> None:
-        rows = [bytes(self.pixels[s:e]) for s, e in self._rows(source_x, source_y, w, h)]
-        for (start, end), row in zip(self._rows(x, y, w, h), rows, strict=False):
-            self.pixels[start:end] = row[: end - start]
-
-    def pixel(self, x: int, y: int) -> bytes:
-        size = self.format.size
-        start = (y * self.width + x) * size
-        return bytes(self.pixels[start : start + size])
-
-    def rgb_rows(self) -> Iterator[bytes]:
-        """The screen as 8-bit RGB, row by row (for images)."""
-        size, cache = self.format.size, dict[bytes, bytes]()
-        for y in range(self.height):
-            row = self.pixels[y * self.width * size : (y + 1) * self.width * size]
-            out = bytearray()
-            for i in range(0, len(row), size):
-                pixel = bytes(row[i : i + size])
-                if (rgb := cache.get(pixel)) is None:
-                    rgb = cache[pixel] = bytes(self.format.rgb(pixel, self.colours))
-                out += rgb
-            yield bytes(out)
 
 
 class RfbSide:
@@ -183,7 +96,7 @@ class RfbSide:
         self.stopped = ""
         self._server = bytearray()
         self._challenged = False
-        self._tight = _Tight()
+        self._tight = TightDecoder()
         self._rects_left = 0
         self._announcement = False  # the update so far only announces size or name
         self._update_area = 0
@@ -206,7 +119,7 @@ class RfbSide:
         while self._server and not self.stopped:
             try:
                 used = self._server_step()
-            except _NeedMore:
+            except NeedMore:
                 return
             if used is None:
                 return  # waits for the client's side (its security choice)
@@ -216,7 +129,7 @@ class RfbSide:
         """Parse one unit at the start of the server buffer; the bytes it used."""
         buffer = self._server
         if self.phase is Phase.VERSION:
-            _need(buffer, 12)
+            need(buffer, 12)
             self.version = bytes(buffer[:12])
             digits = self.version[8:11]
             self.minor = min(int(digits), 8) if digits.isdigit() else 8
@@ -235,14 +148,14 @@ class RfbSide:
     def _security_types(self) -> int:
         buffer = self._server
         if self.minor < 7:  # 3.3: the server decides
-            _need(buffer, 4)
+            need(buffer, 4)
             (self.security,) = struct.unpack_from(">I", buffer)
             self.security_types = (self.security,)
             used = 4
         else:
-            _need(buffer, 1)
+            need(buffer, 1)
             count = buffer[0]
-            _need(buffer, 1 + count)
+            need(buffer, 1 + count)
             self.security_types = tuple(buffer[1 : 1 + count])
             used = 1 + count
         if not self.security_types or self.security_types == (0,):
@@ -256,7 +169,7 @@ class RfbSide:
         buffer = self._server
         if self.security == 2:  # VNC authentication: a challenge, then the result
             if not self._challenged:
-                _need(buffer, 16)
+                need(buffer, 16)
                 self._challenged = True
                 return 16
         elif self.security != 1:
@@ -265,7 +178,7 @@ class RfbSide:
         if self.security == 1 and self.minor < 8:
             self.phase = Phase.INIT  # 3.3 and 3.7 send no result for None
             return 0
-        _need(buffer, 4)
+        need(buffer, 4)
         (self.security_result,) = struct.unpack_from(">I", buffer)
         if self.security_result != 0:
             self.stopped = "the server refused the authentication"
@@ -274,10 +187,10 @@ class RfbSide:
 
     def _server_init(self) -> int:
         buffer = self._server
-        _need(buffer, 24)
+        need(buffer, 24)
         width, height = struct.unpack_from(">HH", buffer)
         length = int(struct.unpack_from(">I", buffer, 20)[0])
-        _need(buffer, 24 + length)
+        need(buffer, 24 + length)
         self.pixel_format = PixelFormat.parse(bytes(buffer[4:20]))
         self.name = bytes(buffer[24 : 24 + length])
         self.screen = Screen(width, height, self.pixel_format)
@@ -288,7 +201,7 @@ class RfbSide:
         buffer = self._server
         kind = buffer[0]
         if kind == 0:  # FramebufferUpdate
-            _need(buffer, 4)
+            need(buffer, 4)
             (self._rects_left,) = struct.unpack_from(">H", buffer, 2)
             self._update_area = 0
             self._announcement = bool(self._rects_left)
@@ -296,9 +209,9 @@ class RfbSide:
                 self._update_done()
             return 4
         if kind == 1:  # SetColourMapEntries
-            _need(buffer, 6)
+            need(buffer, 6)
             first, count = (int(v) for v in struct.unpack_from(">HH", buffer, 2))
-            _need(buffer, 6 + 6 * count)
+            need(buffer, 6 + 6 * count)
             assert self.screen is not None
             for i in range(count):
                 r, g, b = struct.unpack_from(">HHH", buffer, 6 + 6 * i)
@@ -309,14 +222,14 @@ class RfbSide:
         if kind == 150:  # EndOfContinuousUpdates
             return 1
         if kind == 250:  # XVP
-            return _need(buffer, 4)
+            return need(buffer, 4)
         if kind == 248:  # Fence
-            _need(buffer, 9)
-            return _need(buffer, 9 + buffer[8])
+            need(buffer, 9)
+            return need(buffer, 9 + buffer[8])
         if kind == 3:  # ServerCutText
-            _need(buffer, 8)
+            need(buffer, 8)
             length = int(struct.unpack_from(">i", buffer, 4)[0])
-            _need(buffer, 8 + abs(length))
+            need(buffer, 8 + abs(length))
             return 8 + abs(length)
         self.stopped = f"server message type {kind} is not understood"
         return 0
@@ -331,14 +244,14 @@ class RfbSide:
     def _rectangle(self) -> int:
         buffer, screen = self._server, self.screen
         assert screen is not None
-        _need(buffer, 12)
+        need(buffer, 12)
         x, y, w, h, encoding = struct.unpack_from(">HHHHi", buffer)
         self.encodings_seen.add(encoding)
         self._announcement &= encoding in ANNOUNCEMENTS
         body = memoryview(buffer)[12:]
         try:
             used = self._decode(encoding, x, y, w, h, body)
-        except _Undecodable as exc:
+        except Undecodable as exc:
             self.stopped = f"{exc} (in an update at {x},{y} {w}x{h})"
             used = -1
         finally:
@@ -360,38 +273,22 @@ class RfbSide:
         assert screen is not None
         size = screen.format.size
         if encoding == RAW:
-            _need(body, w * h * size)
+            need(body, w * h * size)
             screen.put(x, y, w, h, bytes(body[: w * h * size]))
             return w * h * size
         if encoding == COPY_RECT:
-            _need(body, 4)
+            need(body, 4)
             source_x, source_y = struct.unpack_from(">HH", body)
             screen.copy(source_x, source_y, x, y, w, h)
             return 4
         if encoding == RRE:
-            return _rre(screen, x, y, w, h, body)
+            return decode_rre(screen, x, y, w, h, body)
         if encoding == HEXTILE:
-            return _hextile(screen, x, y, w, h, body)
+            return decode_hextile(screen, x, y, w, h, body)
         if encoding == TIGHT:
             return self._tight.decode(screen, x, y, w, h, body)
-        if encoding == DESKTOP_NAME:
-            _need(body, 4)
-            return _need(body, 4 + int(struct.unpack_from(">I", body)[0]))
-        if encoding in (DESKTOP_SIZE, EXT_DESKTOP_SIZE):
-            used = 0
-            if encoding == EXT_DESKTOP_SIZE:
-                _need(body, 4)
-                used = 4 + 16 * body[0]
-                _need(body, used)
-            if (w, h) != (screen.width, screen.height):  # servers also announce the size
-                screen.resize(w, h, screen.format)
-            return used
-        if encoding == CURSOR:
-            return _need(body, w * h * size + (w + 7) // 8 * h)
-        if encoding == X_CURSOR:
-            return _need(body, 6 + (w + 7) // 8 * h * 2) if w * h else 0
-        if encoding in (LAST_RECT, POINTER_POS):
-            return 0
+        if encoding in SKIPPED_PSEUDO:
+            return _pseudo(screen, encoding, w, h, body)
         self.stopped = f"encoding {encoding} is not decoded (in an update at {x},{y} {w}x{h})"
         return -1
 
@@ -408,7 +305,7 @@ class RfbSide:
         while self._client and not self._client_stopped:
             try:
                 used, replacement = self._client_step(rewrite)
-            except _NeedMore:
+            except NeedMore:
                 break
             out += replacement if replacement is not None else self._client[:used]
             del self._client[:used]
@@ -422,7 +319,7 @@ class RfbSide:
         buffer = self._client
         phase = self._client_phase
         if phase is Phase.VERSION:
-            _need(buffer, 12)
+            need(buffer, 12)
             version = bytes(buffer[8:11])
             minor = min(int(version), 8) if version.isdigit() else 8
             self.minor = min(self.minor, minor)
@@ -434,11 +331,11 @@ class RfbSide:
             return 1, None
         if phase is Phase.AUTH:
             if self.security == 2:
-                _need(buffer, 16)
+                need(buffer, 16)
                 self._client_phase = Phase.INIT
                 return 16, None
             if self.security is None and self.minor < 7:
-                raise _NeedMore  # 3.3: the server has not said yet
+                raise NeedMore  # 3.3: the server has not said yet
             self._client_phase = Phase.INIT
             return 0, None
         if phase is Phase.INIT:
@@ -451,28 +348,49 @@ class RfbSide:
         kind = buffer[0]
         sizes = {3: 10, 4: 8, 5: 6, 150: 10, 250: 4}
         if kind in sizes:
-            _need(buffer, sizes[kind])
+            need(buffer, sizes[kind])
             self.requests += kind == 3
             return sizes[kind], None
         if kind == 0:  # SetPixelFormat
-            _need(buffer, 20)
+            need(buffer, 20)
             self.pixel_format = PixelFormat.parse(bytes(buffer[4:20]))
             if self.screen is not None:
                 self.screen.resize(self.screen.width, self.screen.height, self.pixel_format)
             return 20, None
         if kind == 2:  # SetEncodings
-            _need(buffer, 4)
+            need(buffer, 4)
             count = int(struct.unpack_from(">H", buffer, 2)[0])
-            _need(buffer, 4 + 4 * count)
+            need(buffer, 4 + 4 * count)
             encodings = struct.unpack_from(f">{count}i", buffer, 4)
             return 4 + 4 * count, _set_encodings(encodings) if rewrite else None
         if kind == 6:  # ClientCutText
-            _need(buffer, 8)
+            need(buffer, 8)
             length = int(struct.unpack_from(">i", buffer, 4)[0])
-            _need(buffer, 8 + abs(length))
+            need(buffer, 8 + abs(length))
             return 8 + abs(length), None
         self._client_stopped = True
         return 0, None
+
+
+def _pseudo(screen: Screen, encoding: int, w: int, h: int, body: memoryview) -> int:
+    """A pseudo-rectangle: the size changes, the rest (cursor shapes, the desktop's
+    name, markers) is skipped; the bytes of its body."""
+    if encoding in (DESKTOP_SIZE, EXT_DESKTOP_SIZE):
+        used = 0
+        if encoding == EXT_DESKTOP_SIZE:
+            need(body, 4)
+            used = need(body, 4 + 16 * body[0])
+        if (w, h) != (screen.width, screen.height):  # servers also announce the size
+            screen.resize(w, h, screen.format)
+        return used
+    if encoding == CURSOR:
+        return need(body, w * h * screen.format.size + (w + 7) // 8 * h)
+    if encoding == X_CURSOR:
+        return need(body, 6 + (w + 7) // 8 * h * 2) if w * h else 0
+    if encoding == DESKTOP_NAME:
+        need(body, 4)
+        return need(body, 4 + int(struct.unpack_from(">I", body)[0]))
+    return 0  # LastRect, PointerPos: no body
 
 
 def _set_encodings(encodings: tuple[int, ...]) -> bytes:
@@ -481,317 +399,6 @@ def _set_encodings(encodings: tuple[int, ...]) -> bytes:
     kept = [e for e in encodings if e in SKIPPED_PSEUDO or e in LEVELS or e in CAPABILITIES]
     chosen = [*LIVE_ENCODINGS, *kept]
     return struct.pack(f">BxH{len(chosen)}i", 2, len(chosen), *chosen)
-
-
-def _need(buffer: bytes | bytearray | memoryview, count: int) -> int:
-    if len(buffer) < count:
-        raise _NeedMore
-    return count
-
-
-def _rre(screen: Screen, x: int, y: int, w: int, h: int, body: memoryview) -> int:
-    size = screen.format.size
-    _need(body, 4 + size)
-    count = int(struct.unpack_from(">I", body)[0])
-    used = 4 + size + count * (size + 8)
-    _need(body, used)
-    screen.fill(x, y, w, h, bytes(body[4 : 4 + size]))
-    position = 4 + size
-    for _ in range(count):
-        pixel = bytes(body[position : position + size])
-        sx, sy, sw, sh = struct.unpack_from(">HHHH", body, position + size)
-        screen.fill(x + sx, y + sy, sw, sh, pixel)
-        position += size + 8
-    return used
-
-
-def _hextile(screen: Screen, x: int, y: int, w: int, h: int, body: memoryview) -> int:
-    """RFC 6143 7.7.4: 16x16 tiles, each raw or a background with subrectangles. The
-    whole rectangle is checked present before anything is painted (atomic retry)."""
-    size = screen.format.size
-    tiles = [
-        (tx, ty, min(TILE, x + w - tx), min(TILE, y + h - ty))
-        for ty in range(y, y + h, TILE)
-        for tx in range(x, x + w, TILE)
-    ]
-    paints: list[tuple[str, int, int, int, int, bytes]] = []
-    position, background, foreground = 0, b"\0" * size, b"\0" * size
-    for tx, ty, tw, th in tiles:
-        _need(body, position + 1)
-        flags = body[position]
-        position += 1
-        if flags & 1:  # Raw
-            _need(body, position + tw * th * size)
-            end = position + tw * th * size
-            paints.append(("put", tx, ty, tw, th, bytes(body[position:end])))
-            position = end
-            continue
-        if flags & 2:
-            _need(body, position + size)
-            background = bytes(body[position : position + size])
-            position += size
-        paints.append(("fill", tx, ty, tw, th, background))
-        if flags & 4:
-            _need(body, position + size)
-            foreground = bytes(body[position : position + size])
-            position += size
-        if not flags & 8:
-            continue
-        _need(body, position + 1)
-        count = body[position]
-        position += 1
-        coloured = bool(flags & 16)
-        for _ in range(count):
-            colour = foreground
-            if coloured:
-                _need(body, position + size)
-                colour = bytes(body[position : position + size])
-                position += size
-            _need(body, position + 2)
-            xy, wh = body[position], body[position + 1]
-            position += 2
-            sub = (tx + (xy >> 4), ty + (xy & 15), (wh >> 4) + 1, (wh & 15) + 1)
-            paints.append(("fill", *sub, colour))
-    for how, px, py, pw, ph, data in paints:
-        (screen.put if how == "put" else screen.fill)(px, py, pw, ph, data)
-    return position
-
-
-class _Tight:
-    """The Tight encoding (the RFB community spec; what x11vnc sends noVNC): fill, and
-    basic compression with the copy and palette filters, through four zlib streams kept
-    per connection. JPEG and the gradient filter (which noVNC does not decode either)
-    stop the decoding. Nothing is consumed until a rectangle is complete, so a zlib
-    stream sees each block once."""
-
-    def __init__(self) -> None:
-        self.streams = [zlib.decompressobj() for _ in range(4)]
-
-    def decode(self, screen: Screen, x: int, y: int, w: int, h: int, body: memoryview) -> int:
-        _need(body, 1)
-        control = body[0]
-        kind = control >> 4
-        pixel_size = 3 if _tight_rgb(screen.format) else screen.format.size
-        if kind == 8:  # fill
-            used = _need(body, 1 + pixel_size)
-            self._reset(control)
-            screen.fill(x, y, w, h, self._pixel(screen, bytes(body[1:used])))
-            return used
-        if kind & 8:
-            raise _Undecodable(f"Tight {'JPEG' if kind == 9 else 'PNG'} is not decoded")
-        position, filter_id = 1, 0
-        if control & 0x40:
-            _need(body, 2)
-            filter_id, position = body[1], 2
-        palette: list[bytes] = []
-        if filter_id == 1:
-            _need(body, position + 1)
-            count = body[position] + 1
-            end = _need(body, position + 1 + count * pixel_size)
-            palette = [
-                self._pixel(screen, bytes(body[i : i + pixel_size]))
-                for i in range(position + 1, end, pixel_size)
-            ]
-            position = end
-        elif filter_id != 0:
-            raise _Undecodable("the Tight gradient filter is not decoded")
-        bits = 1 if 0 < len(palette) <= 2 else 8
-        size = ((w * bits + 7) // 8) * h if palette else w * h * pixel_size
-        data, position = self._data(body, position, size, (control >> 4) & 3, control)
-        if palette:
-            screen.put(x, y, w, h, _unpalette(data, palette, w, h, bits))
-        else:
-            pixels = [data[i : i + pixel_size] for i in range(0, len(data), pixel_size)]
-            screen.put(x, y, w, h, b"".join(self._pixel(screen, p) for p in pixels))
-        return position
-
-    def _data(
-        self, body: memoryview, position: int, size: int, stream: int, control: int
-    ) -> tuple[bytes, int]:
-        """The rectangle's pixel data: raw when under 12 bytes, else zlib (compact length)."""
-        if size < 12:
-            end = _need(body, position + size)
-            self._reset(control)
-            return bytes(body[position:end]), end
-        length, position = _compact_length(body, position)
-        end = _need(body, position + length)
-        self._reset(control)
-        data = self.streams[stream].decompress(bytes(body[position:end]))
-        return data, end
-
-    def _reset(self, control: int) -> None:
-        for i in range(4):
-            if control >> i & 1:
-                self.streams[i] = zlib.decompressobj()
-
-    @staticmethod
-    def _pixel(screen: Screen, value: bytes) -> bytes:
-        """A TPIXEL (R, G, B bytes when the format allows) as a pixel of the screen."""
-        pf = screen.format
-        if not _tight_rgb(pf):
-            return value
-        r, g, b = value
-        number = r << pf.shifts[0] | g << pf.shifts[1] | b << pf.shifts[2]
-        return number.to_bytes(pf.size, "big" if pf.big_endian else "little")
-
-
-class _Undecodable(Exception):
-    """An encoding variant this module does not decode; the message says which."""
-
-
-def _tight_rgb(pf: PixelFormat) -> bool:
-    return pf.true_colour and pf.bits == 32 and pf.depth == 24 and pf.maxima == (255, 255, 255)
-
-
-def _compact_length(body: memoryview, position: int) -> tuple[int, int]:
-    length = 0
-    for i in range(3):
-        _need(body, position + i + 1)
-        byte = body[position + i]
-        length |= (byte & (0x7F if i < 2 else 0xFF)) << (7 * i)
-        if i == 2 or not byte & 0x80:
-            return length, position + i + 1
-    raise AssertionError("unreachable")
-
-
-def _unpalette(data: bytes, palette: list[bytes], w: int, h: int, bits: int) -> bytes:
-    out = bytearray()
-    if bits == 8:
-        for index in data[: w * h]:
-            out += palette[index] if index < len(palette) else palette[0]
-        return bytes(out)
-    row_bytes = (w + 7) // 8
-    for row in range(h):
-        for column in range(w):
-            bit = data[row * row_bytes + column // 8] >> (7 - column % 8) & 1
-            out += palette[bit] if bit < len(palette) else palette[0]
-    return bytes(out)
-
-
-# -- comparing two screens -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Region:
-    x: int
-    y: int
-    width: int
-    height: int
-    pixels: int  # how many differ
-    expected: tuple[int, int, int]  # the most common colour there, each side
-    got: tuple[int, int, int]
-
-    def describe(self) -> str:
-        return (
-            f"region x={self.x} y={self.y} {self.width}x{self.height}: {self.pixels} pixels "
-            f"differ; expected mostly {_rgb(self.expected)}, got mostly {_rgb(self.got)}"
-        )
-
-
-def _rgb(colour: tuple[int, int, int]) -> str:
-    return "rgb({},{},{}) #{:02x}{:02x}{:02x}".format(*colour, *colour)
-
-
-def differing_regions(expected: Screen, got: Screen) -> list[Region]:
-    """The regions where two screens of one size and format differ: differing 16x16
-    tiles, grouped into connected areas, each reported by its bounding box."""
-    tiles = _differing_tiles(expected, got)
-    regions = []
-    while tiles:
-        group = _connected(tiles)
-        tiles -= group
-        regions.append(_region(expected, got, group))
-    regions.sort(key=lambda r: (-r.pixels, r.y, r.x))
-    return regions
-
-
-def _differing_tiles(expected: Screen, got: Screen) -> set[tuple[int, int]]:
-    size, width = expected.format.size, expected.width
-    tiles: set[tuple[int, int]] = set()
-    row_bytes = width * size
-    for y in range(expected.height):
-        start = y * row_bytes
-        a = expected.pixels[start : start + row_bytes]
-        b = got.pixels[start : start + row_bytes]
-        if a == b:
-            continue
-        step = TILE * size
-        for column in range(0, row_bytes, step):
-            if a[column : column + step] != b[column : column + step]:
-                tiles.add((column // step, y // TILE))
-    return tiles
-
-
-def _connected(tiles: set[tuple[int, int]]) -> set[tuple[int, int]]:
-    start = min(tiles, key=lambda t: (t[1], t[0]))
-    group, todo = {start}, [start]
-    while todo:
-        tx, ty = todo.pop()
-        for dx in (-1, 0, 1):
-            for dy in (-1, 0, 1):
-                neighbour = (tx + dx, ty + dy)
-                if neighbour in tiles and neighbour not in group:
-                    group.add(neighbour)
-                    todo.append(neighbour)
-    return group
-
-
-def _region(expected: Screen, got: Screen, group: set[tuple[int, int]]) -> Region:
-    """The exact bounding box and counts of the differing pixels in ``group``'s tiles."""
-    ours: Counter[bytes] = Counter()
-    theirs: Counter[bytes] = Counter()
-    left, top, right, bottom = expected.width, expected.height, -1, -1
-    for tx, ty in group:
-        for y in range(ty * TILE, min((ty + 1) * TILE, expected.height)):
-            for x in range(tx * TILE, min((tx + 1) * TILE, expected.width)):
-                a, b = expected.pixel(x, y), got.pixel(x, y)
-                if a != b:
-                    ours[a] += 1
-                    theirs[b] += 1
-                    left, top = min(left, x), min(top, y)
-                    right, bottom = max(right, x), max(bottom, y)
-    rgb = expected.format.rgb
-    return Region(
-        left,
-        top,
-        right - left + 1,
-        bottom - top + 1,
-        sum(ours.values()),
-        rgb(ours.most_common(1)[0][0], expected.colours),
-        rgb(theirs.most_common(1)[0][0], got.colours),
-    )
-
-
-def write_png(path: Path, width: int, height: int, rows: Iterator[bytes]) -> None:
-    """An 8-bit RGB PNG (no filter): enough for a screen, with zlib and no dependency."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    raw = b"".join(b"\0" + row for row in rows)
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )
-
-
-def _diff_rows(expected: Screen, got: Screen) -> Iterator[bytes]:
-    """The expected screen, dimmed, with the differing pixels in red."""
-    size = expected.format.size
-    for y, row in enumerate(expected.rgb_rows()):
-        out = bytearray(channel // 3 for channel in row)
-        start = y * expected.width * size
-        a = expected.pixels[start : start + expected.width * size]
-        b = got.pixels[start : start + expected.width * size]
-        if a != b:
-            for x in range(expected.width):
-                if a[x * size : (x + 1) * size] != b[x * size : (x + 1) * size]:
-                    out[3 * x : 3 * x + 3] = b"\xff\x00\x00"
-        yield bytes(out)
 
 
 # -- the comparator ----------------------------------------------------------------------------
@@ -916,7 +523,7 @@ class RfbComparator:
         for suffix, rows in (
             ("expected", expected.rgb_rows()),
             ("actual", got.rgb_rows()),
-            ("diff", _diff_rows(expected, got)),
+            ("diff", diff_rows(expected, got)),
         ):
             path = stem.with_name(f"{stem.name}-{suffix}.png")
             write_png(path, expected.width, expected.height, rows)
