@@ -32,6 +32,7 @@ from trio_bridge.replay.rfb import (
     DESKTOP_SIZE,
     HEXTILE,
     RAW,
+    RRE,
     TIGHT,
     RfbComparator,
     RfbSide,
@@ -56,7 +57,7 @@ from .test_browser import (
 
 BACKGROUND = (222, 40, 150)
 PATCH = (30, 200, 60)
-PATCH_AT = (48, 32, 64, 40)  # x, y, width, height
+PATCH_AT = (50, 37, 61, 41)  # x, y, width, height: across tile edges (16 px grids)
 
 # noVNC's pixel format: 32 bits, depth 24, little-endian, true colour, red at bit 0.
 NOVNC_PIXEL_FORMAT = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 0, 8, 16)
@@ -131,8 +132,8 @@ class RfbClient:
             self.side.from_server(data)
             assert not self.side.stopped, self.side.stopped
 
-    async def start(self) -> Screen:
-        """Handshake, then the whole screen once."""
+    async def start(self, preferred: int = HEXTILE) -> Screen:
+        """Handshake, then the whole screen once, in the ``preferred`` encoding."""
         side = self.side
         await self.until(lambda: side.version)
         await self.send(b"RFB 003.008\n")
@@ -143,7 +144,7 @@ class RfbClient:
         await self.send(b"\x01")  # ClientInit: shared
         await self.until(lambda: side.screen is not None)
         await self.send(b"\x00\x00\x00\x00" + NOVNC_PIXEL_FORMAT)
-        encodings = (HEXTILE, COPY_RECT, RAW, CURSOR, DESKTOP_SIZE)
+        encodings = (preferred, COPY_RECT, RAW, CURSOR, DESKTOP_SIZE)
         await self.send(struct.pack(f">BxH{len(encodings)}i", 2, len(encodings), *encodings))
         await self.request(incremental=False)
         await self.until(lambda: side.full_updates >= 1)
@@ -161,14 +162,14 @@ class RfbClient:
         await self.send(struct.pack(">BBHHHH", 3, incremental, 0, 0, width, height))
 
 
-async def record_vnc_session(url: str) -> None:
+async def record_vnc_session(url: str, preferred: int = HEXTILE) -> None:
     """Through a bridge: the handshake and one full-screen update, then a clean close."""
     async with connect(url, subprotocols=[Subprotocol("binary")]) as ws:
 
         async def receive() -> bytes:
             return await ws.recv(decode=False)
 
-        await RfbClient(ws.send, receive).start()
+        await RfbClient(ws.send, receive).start(preferred)
 
 
 def rgb(screen: Screen, x: int, y: int) -> tuple[int, int, int]:
@@ -186,9 +187,11 @@ async def wait_until_shown(vnc: TcpAddress, colour: tuple[int, int, int]) -> Non
             await client.next_update()
 
 
-async def record(start_ws_bridge: StartBridge, vnc: TcpAddress, folder: Path) -> Path:
+async def record(
+    start_ws_bridge: StartBridge, vnc: TcpAddress, folder: Path, preferred: int = HEXTILE
+) -> Path:
     bridge = await start_ws_bridge(vnc, record=folder)
-    await record_vnc_session(bridge.url)
+    await record_vnc_session(bridge.url, preferred)
     (path,) = await bridge.recordings(1)
     return path
 
@@ -236,6 +239,30 @@ async def test_another_picture_reports_the_region_and_its_colours(
     assert [p.name.rsplit("-", 1)[1] for p in written] == ["actual.png", "diff.png", "expected.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
     assert f"images: {images}" in text
+
+
+async def test_each_recorded_encoding_shows_the_same_screen(
+    nursery: trio.Nursery, start_ws_bridge: StartBridge, tmp_path: Path
+) -> None:
+    """Two colours on the screen, so that x11vnc uses more than a fill: Hextile's
+    subrectangles, RRE's, Tight's palette. Each recording decodes to the screen the live
+    server sends in Raw."""
+    with trio.fail_after(60):
+        async with vnc_desktop(nursery) as desktop:
+            patch = await paint_patch(desktop.display, PATCH)
+            try:
+                await wait_until_shown(desktop.vnc, PATCH)
+                for preferred in (HEXTILE, RRE, TIGHT):
+                    folder = tmp_path / str(preferred)
+                    folder.mkdir()
+                    path = await record(start_ws_bridge, desktop.vnc, folder, preferred)
+                    comparator = RfbComparator()
+                    report = await drive(path, target=desktop.vnc, compare=comparator)
+                    assert report.ok, "\n".join(report.lines())
+                    assert preferred in comparator.recorded.encodings_seen
+                    assert not comparator.recorded.stopped
+            finally:
+                await patch.aclose()
 
 
 async def test_a_novnc_session_matches_the_server_showing_the_same_picture(
