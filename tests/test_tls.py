@@ -3,11 +3,9 @@ certificates made in the test: good, expired, from the wrong CA, missing."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
 import ssl
-import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,6 +32,7 @@ from .conftest import (
     ws_request,
 )
 from .security_support import Pki, exchange, open_from, pki, read_all, tls_echo_target
+from .test_systemd import clean_env, spawn
 
 __all__ = ["pki"]
 
@@ -280,34 +279,18 @@ async def test_sighup_reloads_the_certificate_of_a_running_process(
     port = free_port()
     argv = [sys.executable, "-m", "trio_bridge.cli", "--log", "stderr", "--cert"]
     argv += [str(pki.server_file), str(port), str(echo_target.address)]
-    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
-    assert process.stderr is not None
-    output = bytearray()
-
-    async def wait_for_output(text: bytes) -> None:
-        assert process.stderr is not None
-        while text not in output:
-            chunk = await process.stderr.receive_some(65536)
-            assert chunk, f"trio-bridge exited: {output.decode()}"
-            output.extend(chunk)
-
     renewed = trustme.CA()
-    try:
-        with trio.fail_after(20):
-            await wait_for_output(b"listening on")
+    with trio.fail_after(20):
+        async with spawn(argv) as bridge:
+            await bridge.wait_for_output("listening on")
             async with connect(wss(port), ssl=pki.client_context()) as ws:
                 await check_echo(ws, b"before SIGHUP")
                 pki.write_server(renewed.issue_cert("127.0.0.1"))
-                process.send_signal(signal.SIGHUP)
-                await wait_for_output(b"TLS: reloaded certificate")
+                bridge.signal(signal.SIGHUP)
+                await bridge.wait_for_output("TLS: reloaded certificate")
                 await check_echo(ws, b"the session survived the reload")
             async with connect(wss(port), ssl=pki.client_context(trust=renewed)) as ws:
                 await check_echo(ws, b"after SIGHUP")
-    finally:
-        process.terminate()
-        with trio.move_on_after(10):
-            await process.wait()
-        process.kill()
 
 
 async def _hang_up(stream: trio.SocketStream) -> None:
@@ -494,33 +477,18 @@ async def test_the_command_line_reads_a_systemd_credential_and_rereads_it_on_sig
     argv = [sys.executable, "-m", "trio_bridge.cli", "--log", "stderr", "--cert", str(key.cert)]
     argv += ["--key", str(key.key), "--key-password", "credential:tls-key-password"]
     argv += [str(port), str(echo_target.address)]
-    env = {**os.environ, "CREDENTIALS_DIRECTORY": str(credentials)}
-    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE, env=env)
-    assert process.stderr is not None
-    output = bytearray()
-
-    async def wait_for_output(text: bytes) -> None:
-        assert process.stderr is not None
-        while text not in output:
-            chunk = await process.stderr.receive_some(65536)
-            assert chunk, f"trio-bridge exited: {output.decode()}"
-            output.extend(chunk)
-
+    env = clean_env(CREDENTIALS_DIRECTORY=str(credentials))
     renewed = trustme.CA()
-    try:
-        with trio.fail_after(20):
-            await wait_for_output(b"listening on")
+    with trio.fail_after(20):
+        async with spawn(argv, env=env) as bridge:
+            await bridge.wait_for_output("listening on")
             async with connect(wss(port), ssl=pki.client_context()) as ws:
                 await check_echo(ws, b"before SIGHUP")
             key.renew(renewed, b"second password")
             (credentials / "tls-key-password").write_text("second password")
-            process.send_signal(signal.SIGHUP)
-            await wait_for_output(b"TLS: reloaded certificate")
+            bridge.signal(signal.SIGHUP)
+            await bridge.wait_for_output("TLS: reloaded certificate")
             async with connect(wss(port), ssl=pki.client_context(trust=renewed)) as ws:
                 await check_echo(ws, b"after SIGHUP")
-    finally:
-        process.terminate()
-        with trio.move_on_after(10):
-            await process.wait()
-        process.kill()
-    assert b"password" not in output.replace(b"--key-password", b"").replace(b"key-password", b"")
+    output = bridge.stderr
+    assert "password" not in output.replace("--key-password", "").replace("key-password", "")
