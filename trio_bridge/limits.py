@@ -94,13 +94,8 @@ class Networks:
             return False
         if address.startswith("uid:"):
             return address[4:].isdigit() and int(address[4:]) in self.uids
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.networks)
+        ip = parse_ip(address)
+        return ip is not None and any(ip in network for network in self.networks)
 
 
 def parse_uid(text: str, flag: str) -> int:
@@ -124,15 +119,21 @@ def client_ip(sock: socket.socket) -> str | None:
         return None
 
 
-def address_key(address: str, exempt: tuple[Network, ...]) -> str | None:
-    """The unit the limits count for a client IP; None when it is not limited."""
+def parse_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address, an IPv4-mapped IPv6 one as the IPv4 it is; None for anything else."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if any(ip in network for network in exempt):
+        return ip.ipv4_mapped
+    return ip
+
+
+def address_key(address: str, exempt: tuple[Network, ...]) -> str | None:
+    """The unit the limits count for a client IP; None when it is not limited."""
+    ip = parse_ip(address)
+    if ip is None or any(ip in network for network in exempt):
         return None
     if isinstance(ip, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
