@@ -110,7 +110,6 @@ class Worker:
     ready: trio.Event = field(default_factory=trio.Event)
     sessions: int = 0
     last_ping: float = -math.inf
-    starts: int = 0
 
 
 class WorkerPool:
@@ -131,7 +130,6 @@ class WorkerPool:
         self.notifier = Notifier.from_environment()
         self.stopping = False
         self.failed_to_start: str | None = None
-        self._started = trio.Event()
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -219,7 +217,6 @@ class WorkerPool:
         env[WORKER_LIMITS] = str(limits.fileno())
         env["NOTIFY_SOCKET"] = "@" + worker.notify_address[1:]  # sd_notify's abstract form
         env["WATCHDOG_USEC"] = str(int(PING_EVERY * 2e6))
-        worker.starts += 1
         worker.last_ping = trio.current_time()
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "trio_bridge.cli", *self.argv],
@@ -257,7 +254,6 @@ class WorkerPool:
             await worker.ready.wait()
         log.info("%d workers serving", len(self.workers))
         self.notifier.send(READY="1", STATUS=self.status())
-        self._started.set()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._report_status)
             interval = watchdog_interval()
