@@ -224,7 +224,9 @@ async def test_another_picture_reports_the_region_and_its_colours(
             patch = await paint_patch(desktop.display, PATCH)
             try:
                 await wait_until_shown(desktop.vnc, PATCH)
-                await drive_recording(path, target=desktop.vnc, compare="rfb", images=images)
+                await drive_recording(
+                    path, target=desktop.vnc, compare="rfb", images=images, delay=False
+                )
             finally:
                 await patch.aclose()
     text = str(failure.value)
@@ -257,7 +259,7 @@ async def test_each_recorded_encoding_shows_the_same_screen(
                     folder.mkdir()
                     path = await record(start_ws_bridge, desktop.vnc, folder, preferred)
                     comparator = RfbComparator()
-                    report = await drive(path, target=desktop.vnc, compare=comparator)
+                    report = await drive(path, target=desktop.vnc, compare=comparator, delay=False)
                     assert report.ok, "\n".join(report.lines())
                     assert preferred in comparator.recorded.encodings_seen
                     assert not comparator.recorded.stopped
