@@ -245,6 +245,7 @@ async def drive(
         await trio.aclose_forcefully(opened)
     report.received_bytes = received.bytes
     report.findings = comparator.findings()
+    report.notes += getattr(comparator, "notes", [])  # optional: what it could not compare
     return report
 
 

@@ -116,8 +116,14 @@ class TightDecoder:
             self._reset(control)
             screen.fill(x, y, w, h, self._pixel(screen, bytes(body[1:used])))
             return used
+        if kind in (9, 10):  # JPEG (lossy) or PNG: skipped, the area marked unknown
+            length, position = _compact_length(body, 1)
+            end = need(body, position + length)
+            self._reset(control)
+            screen.mark_unknown(x, y, w, h)
+            return end
         if kind & 8:
-            raise Undecodable(f"Tight {'JPEG' if kind == 9 else 'PNG'} is not decoded")
+            raise Undecodable(f"Tight compression {kind} is not known")
         position, filter_id = 1, 0
         if control & 0x40:
             need(body, 2)

@@ -47,7 +47,9 @@ def _channel(value: int, shift: int, maximum: int) -> int:
 
 
 class Screen:
-    """A framebuffer: ``width`` x ``height`` pixels of ``pixel_format.size`` bytes."""
+    """A framebuffer: ``width`` x ``height`` pixels of ``pixel_format.size`` bytes, and
+    which pixels are *unknown*: painted by something not decoded (a JPEG), so not to be
+    compared until painted again."""
 
     def __init__(self, width: int, height: int, pixel_format: PixelFormat) -> None:
         self.resize(width, height, pixel_format)
@@ -56,6 +58,31 @@ class Screen:
     def resize(self, width: int, height: int, pixel_format: PixelFormat) -> None:
         self.width, self.height, self.format = width, height, pixel_format
         self.pixels = bytearray(width * height * pixel_format.size)
+        self.unknown = bytearray(width * height)  # 1: not known
+        self.unknown_pixels = 0  # how many pixels have ever been marked unknown
+
+    def _known(self, x: int, y: int, w: int, h: int, value: int = 0) -> None:
+        x2, y2 = min(x + w, self.width), min(y + h, self.height)
+        if x < x2:
+            for row in range(y, y2):
+                start = row * self.width + x
+                self.unknown[start : start + x2 - x] = bytes([value]) * (x2 - x)
+
+    def mark_unknown(self, x: int, y: int, w: int, h: int) -> None:
+        self._known(x, y, w, h, 1)
+        self.unknown_pixels += max(min(x + w, self.width) - x, 0) * max(
+            min(y + h, self.height) - y, 0
+        )
+
+    def masked(self, mask: Screen) -> Screen:
+        """A copy with the pixels unknown in ``mask`` (same size) zeroed."""
+        copy = Screen(self.width, self.height, self.format)
+        copy.colours = self.colours
+        size = self.format.size
+        keep = bytes(mask.unknown).replace(b"\0", b"\xff" * size).replace(b"\x01", b"\0" * size)
+        value = int.from_bytes(self.pixels, "big") & int.from_bytes(keep, "big")
+        copy.pixels[:] = value.to_bytes(len(self.pixels), "big")
+        return copy
 
     def _rows(self, x: int, y: int, w: int, h: int) -> Iterator[tuple[int, int]]:
         """(start, end) in ``pixels`` of each row of the rectangle, clipped to the screen."""
@@ -68,11 +95,13 @@ class Screen:
             yield start, start + (x2 - x) * size
 
     def fill(self, x: int, y: int, w: int, h: int, pixel: bytes) -> None:
+        self._known(x, y, w, h)
         for start, end in self._rows(x, y, w, h):
             self.pixels[start:end] = pixel * ((end - start) // len(pixel))
 
     def put(self, x: int, y: int, w: int, h: int, data: bytes) -> None:
         """Raw pixels, row by row (``w`` pixels each), clipped to the screen."""
+        self._known(x, y, w, h)
         stride = w * self.format.size
         for i, (start, end) in enumerate(self._rows(x, y, w, h)):
             self.pixels[start:end] = data[i * stride : i * stride + end - start]
@@ -81,6 +110,13 @@ class Screen:
         rows = [bytes(self.pixels[s:e]) for s, e in self._rows(source_x, source_y, w, h)]
         for (start, end), row in zip(self._rows(x, y, w, h), rows, strict=False):
             self.pixels[start:end] = row[: end - start]
+        size = self.format.size
+        unknown = [
+            bytes(self.unknown[s // size : e // size])
+            for s, e in self._rows(source_x, source_y, w, h)
+        ]
+        for (start, end), row in zip(self._rows(x, y, w, h), unknown, strict=False):
+            self.unknown[start // size : end // size] = row[: (end - start) // size]
 
     def pixel(self, x: int, y: int) -> bytes:
         size = self.format.size
