@@ -2,8 +2,8 @@
 
 ``drive`` and ``serve`` never compare at positions or stream offsets: one inserted,
 missing or re-cut message would make everything after it "differ". They align the two
-sequences of messages as diff(1) aligns lines (:class:`difflib.SequenceMatcher` over
-message keys), then report each block that does not match once:
+sequences of messages as diff(1) aligns lines (a shortest edit script over message
+keys, replay/diff.py), then report each block that does not match once:
 
 - a *replaced* block whose bytes, joined, are the same on both sides was only cut
   differently (TCP reads, a bridge's frames): not a divergence;
@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from difflib import SequenceMatcher
 from typing import Protocol
 
+from .diff import opcodes
 from .messages import Message
 from .preview import describe_payload, hexdump
 
@@ -144,10 +144,10 @@ def align(
     joined_equal_is_same: bool = True,
 ) -> tuple[int, list[Divergence]]:
     """Align ``got`` with ``expected`` by ``key``; (messages matched, divergences)."""
-    matcher = SequenceMatcher(None, [key(m) for m in expected], [key(m) for m in got], False)
+    codes = opcodes([key(m) for m in expected], [key(m) for m in got])
     starts = _offsets(expected)
     matched, divergences = 0, []
-    for tag, e1, e2, g1, g2 in matcher.get_opcodes():
+    for tag, e1, e2, g1, g2 in codes:
         if tag == "equal":
             matched += e2 - e1
             continue
