@@ -204,7 +204,10 @@ async def test_the_same_picture_matches_though_the_encodings_differ(
             path = await record(start_ws_bridge, desktop.vnc, tmp_path)
             comparator = RfbComparator()
             report = await drive(path, target=desktop.vnc, compare=comparator, timeout=10)
+            bridge = await start_ws_bridge(desktop.vnc)  # and through a bridge, as frames
+            bridged = await drive(path, url=bridge.url, compare="rfb", delay=False)
     assert report.ok, "\n".join(report.lines())
+    assert bridged.ok, "\n".join(bridged.lines())
     assert report.lines()[-1].startswith("result: same as the recording")
     assert comparator.recorded.updates >= 1 and comparator.live.updates >= 1
     # Hextile was recorded, Raw came live: the same screen in other bytes.
