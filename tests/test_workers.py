@@ -81,10 +81,11 @@ async def open_sessions(stack: AsyncExitStack, url: str, count: int) -> list[Cli
 async def test_workers_under_socket_activation_report_totals_and_drain(
     echo_target: TcpTarget, notify_socket: NotifySocket
 ) -> None:
-    """The shipped units' way: one socket from systemd, ``--workers 2`` in OPTIONS."""
+    """The shipped units' way: one socket from systemd, ``--workers auto`` in OPTIONS."""
+    workers = len(os.sched_getaffinity(0))  # what auto means here
     port, metrics_port = free_port(), free_port()
     env = clean_env(NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC="400000")
-    argv = [BRIDGE, "--workers", "2", "--metrics", str(metrics_port), target_arg(echo_target)]
+    argv = [BRIDGE, "--workers", "auto", "--metrics", str(metrics_port), target_arg(echo_target)]
     url = f"ws://127.0.0.1:{port}/"
     with trio.fail_after(TIMEOUT * 2):
         async with (
@@ -96,13 +97,14 @@ async def test_workers_under_socket_activation_report_totals_and_drain(
             stack.callback(lambda: print(bridge.stderr))  # shown when the test fails
             sessions = await open_sessions(stack, url, 6)  # the first starts the bridge
             ready = await notify_socket.wait_for("READY", "1")
-            assert notify_socket.received[ready].fields["STATUS"].endswith("in 2 workers")
-            await notify_socket.wait_for("STATUS", "6 sessions open in 2 workers", after=ready)
+            in_workers = f"in {workers} workers"
+            assert notify_socket.received[ready].fields["STATUS"].endswith(in_workers)
+            await notify_socket.wait_for("STATUS", f"6 sessions open {in_workers}", after=ready)
             assert await metric(metrics_port, "trio_bridge_sessions_open") == 6
-            assert len(worker_pids(bridge)) == 2
+            assert len(worker_pids(bridge)) == workers
 
             bridge.signal(signal.SIGHUP)  # passed on: each worker reloads
-            await bridge.wait_until(lambda text: text.count("reloading (") == 2)
+            await bridge.wait_until(lambda text: text.count("reloading (") == workers)
             await notify_socket.wait_for("RELOADING", "1", after=ready)
 
             bridge.signal(signal.SIGTERM)
@@ -113,7 +115,7 @@ async def test_workers_under_socket_activation_report_totals_and_drain(
             await stack.aclose()  # the clients leave; the drain ends
             assert await bridge.exit_status() == 0
     assert notify_socket.events() == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
-    assert "2 workers serving" in bridge.stderr
+    assert f"{workers} workers serving" in bridge.stderr
 
 
 async def test_a_killed_worker_is_restarted_and_the_bridge_serves_on(
