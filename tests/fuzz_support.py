@@ -51,7 +51,6 @@ from trio_bridge.tokens.resp import RedisConnection
 from .conftest import TcpTarget, echo, free_port, loopback_listener
 from .security_support import Pki, RedisServer, chmod_private
 
-WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 USER, PASSWORD = "fuzz", "secret"
 GOOD_ORIGIN = "https://good.example"
 MAX_MESSAGE = 64 * 1024

@@ -35,6 +35,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
+from .conftest import WS_KEY, ws_request
 from .fuzz_support import (
     GOOD_ORIGIN,
     IDNA_HOST,
@@ -43,7 +44,6 @@ from .fuzz_support import (
     PASSWORD,
     USER,
     WEB_PATHS,
-    WS_KEY,
     Door,
     Harness,
     HttpAnswer,
@@ -481,19 +481,8 @@ def fragmented(compressed: bool) -> st.SearchStrategy[list[RawFrame]]:
 
 
 def handshake(door: Door, deflate_offer: bool) -> bytes:
-    headers = {
-        "Host": "127.0.0.1",
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Key": WS_KEY,
-        "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Protocol": "binary",
-        **door.ws_headers,
-    }
-    if deflate_offer:
-        headers["Sec-WebSocket-Extensions"] = "permessage-deflate"
-    lines = [f"GET {door.ws_path} HTTP/1.1", *[f"{k}: {v}" for k, v in headers.items()]]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    extensions = {"Sec_WebSocket_Extensions": "permessage-deflate"} if deflate_offer else {}
+    return ws_request(door.ws_path, **door.ws_headers, **extensions)
 
 
 def read_until_answer(sock: socket.socket) -> tuple[HttpAnswer, bytes]:
