@@ -8,6 +8,11 @@ per session, from 4 client processes of 8 sessions each), 8 bulk sessions downst
 8 upstream (one client process each). Everything shares the machine's cores: the proxy,
 its workers, the clients and the target. Figures are aggregates over all sessions
 (round trips per second, MiB/s), medians of the rounds; ratios are against websockify.
+
+A second table gives the proxy's own CPU per unit of work over the same windows (its
+whole process tree: the main process and its workers, or websockify and its forked
+handlers): on a machine whose cores the clients and the target share, the aggregate
+rate depends on their cost too, and this is the part that is the proxy's.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import wire
+from bench.procstat import tree_cpu_seconds
 from bench.proxies import (
     TRIO_BRIDGE,
     WEBSOCKIFY,
@@ -113,26 +119,48 @@ def upstream_client(port: int, start: float, duration: float) -> int:
     return acked
 
 
-def _parallel(jobs: list[tuple[Callable[..., int], tuple[object, ...]]]) -> list[int]:
+def _parallel(
+    jobs: list[tuple[Callable[..., int], tuple[object, ...]]],
+    proxy_pid: int,
+    start: float,
+    duration: float,
+) -> tuple[list[int], float]:
+    """Each job's result, and the proxy tree's CPU seconds over [start, start + duration)."""
     context = multiprocessing.get_context("fork")
     with context.Pool(len(jobs)) as pool:
         pending = [pool.apply_async(function, args) for function, args in jobs]
-        return [job.get(timeout=IO_TIMEOUT * 4) for job in pending]
+        _wait_until(start)
+        before = tree_cpu_seconds(proxy_pid)
+        _wait_until(start + duration)
+        cpu = tree_cpu_seconds(proxy_pid) - before
+        return [job.get(timeout=IO_TIMEOUT * 4) for job in pending], cpu
 
 
-def measure(port: int, duration: float) -> dict[str, float]:
-    start = time.time() + START_DELAY
+def measure(port: int, proxy_pid: int, duration: float) -> dict[str, float]:
     per_process = RT_SESSIONS // RT_PROCESSES
-    rts = _parallel([(round_trip_client, (port, per_process, start, duration))] * RT_PROCESSES)
     start = time.time() + START_DELAY
-    down = _parallel([(downstream_client, (port, start, duration))] * BULK_SESSIONS)
+    rts, rt_cpu = _parallel(
+        [(round_trip_client, (port, per_process, start, duration))] * RT_PROCESSES,
+        proxy_pid,
+        start,
+        duration,
+    )
     start = time.time() + START_DELAY
-    up = _parallel([(upstream_client, (port, start, duration))] * BULK_SESSIONS)
+    down, down_cpu = _parallel(
+        [(downstream_client, (port, start, duration))] * BULK_SESSIONS, proxy_pid, start, duration
+    )
+    start = time.time() + START_DELAY
+    up, up_cpu = _parallel(
+        [(upstream_client, (port, start, duration))] * BULK_SESSIONS, proxy_pid, start, duration
+    )
     mib = duration * (1 << 20)
     return {
         "round_trips": sum(rts) / duration,
         "downstream": sum(down) / mib,
         "upstream": sum(up) / mib,
+        "round_trips_cpu": rt_cpu / max(1, sum(rts)) * 1e6,  # us per round trip
+        "downstream_cpu": down_cpu / max(1, sum(down)) * (1 << 30),  # s per GiB
+        "upstream_cpu": up_cpu / max(1, sum(up)) * (1 << 30),
     }
 
 
@@ -152,9 +180,9 @@ def main() -> None:
             for spec in specs:
                 log = Path(logs) / f"{spec.name.replace(' ', '_')}.log"
                 with RunningProxy(spec, target.port, log, source_root=source) as proxy:
-                    figures = measure(proxy.port, options.duration)
+                    figures = measure(proxy.port, proxy.pid, options.duration)
                 results[spec.name].append(figures)
-                shown = ", ".join(f"{k} {v:,.0f}" for k, v in figures.items())
+                shown = ", ".join(f"{k} {v:,.2f}" for k, v in figures.items())
                 print(f"round {round_no}: {spec.name}: {shown}", flush=True)
     print_table(results, specs, options)
 
@@ -187,6 +215,31 @@ def print_table(
             + " | ".join(row)
             + f" | {ratio:.2f}x | >= {target}x {met} |"
         )
+    print_cost_table(results, specs)
+
+
+COSTS = {
+    "round_trips_cpu": "CPU us per round trip",
+    "downstream_cpu": "CPU s per GiB downstream",
+    "upstream_cpu": "CPU s per GiB upstream",
+}
+
+
+def print_cost_table(results: dict[str, list[dict[str, float]]], specs: list[ProxySpec]) -> None:
+    """The proxy tree's own CPU per unit over the same windows (lower is better)."""
+    medians = {
+        name: {k: statistics.median(r[k] for r in rounds) for k in COSTS}
+        for name, rounds in results.items()
+    }
+    peer = medians[WEBSOCKIFY.name]
+    print("\nThe proxy's own CPU (its process tree) over the same windows, medians:\n")
+    print("| cost | " + " | ".join(spec.name for spec in specs) + " | --workers 2 / websockify |")
+    print("|---" * (len(specs) + 2) + "|")
+    for key, label in COSTS.items():
+        digits = 0 if key == "round_trips_cpu" else 2
+        row = [f"{medians[spec.name][key]:.{digits}f}" for spec in specs]
+        ratio = medians[_with_workers(2).name][key] / peer[key]
+        print(f"| {label} | " + " | ".join(row) + f" | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":
