@@ -55,8 +55,9 @@ TARGET_RATIO = 0.8  # issue 13: CPU per round trip and p50, against websockify
 # -- the two floor relays ------------------------------------------------------------
 
 
-def _handshake(client: socket.socket) -> bytes:
-    """websockets' opening handshake on a blocking socket; the bytes read past it."""
+def _handshake(client: socket.socket) -> None:
+    """websockets' opening handshake on a blocking socket (the client sends nothing more
+    before the response, so nothing is read past the request)."""
     protocol = ServerProtocol()
     while protocol.state is State.CONNECTING:
         data = client.recv(4096)
@@ -67,7 +68,6 @@ def _handshake(client: socket.socket) -> bytes:
             protocol.send_response(protocol.accept(request))  # type: ignore[arg-type]
         for chunk in protocol.data_to_send():
             client.sendall(chunk)
-    return b""  # the client waits for the response before it sends a frame
 
 
 def _unframe(buffer: bytearray) -> tuple[bytes, bool]:
