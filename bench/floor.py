@@ -31,6 +31,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import trio
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.utils import apply_mask
@@ -45,6 +46,8 @@ from bench.proxies import (
     frozen_source,
 )
 from bench.scenarios import Meter, round_trips
+from trio_bridge.netio import send_all
+from trio_bridge.zerocopy import binary_frame_header
 
 # Below glibc's mmap threshold (128 KiB until a larger block is freed): a larger recv()
 # buffer costs an mmap, an mremap and a munmap per call, about 15 us here.
@@ -89,13 +92,6 @@ def _unframe(buffer: bytearray) -> tuple[bytes, bool]:
     return bytes(payload), False
 
 
-def _frame(data: bytes) -> bytes:
-    """One unmasked binary frame (the target's replies here are far below 64 KiB)."""
-    if len(data) < 126:
-        return bytes((0x82, len(data))) + data
-    return bytes((0x82, 126)) + len(data).to_bytes(2, "big") + data
-
-
 def _select_relay(client: socket.socket, target: socket.socket) -> None:
     buffer = bytearray()
     while True:
@@ -112,20 +108,10 @@ def _select_relay(client: socket.socket, target: socket.socket) -> None:
             data = target.recv(RECV_SIZE)
             if not data:
                 return
-            client.sendall(_frame(data))
+            client.sendall(binary_frame_header(len(data)) + data)
 
 
 def _trio_relay(client: socket.socket, target: socket.socket) -> None:
-    import trio  # only this relay runs on Trio
-
-    async def send_all(sock: socket.socket, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[sock.send(view) :]
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-
     async def upstream(cancel: trio.CancelScope) -> None:
         buffer = bytearray()
         while True:
@@ -146,7 +132,7 @@ def _trio_relay(client: socket.socket, target: socket.socket) -> None:
             if not data:
                 cancel.cancel()
                 return
-            await send_all(client, _frame(data))
+            await send_all(client, binary_frame_header(len(data)) + data)
 
     async def main() -> None:
         client.setblocking(False)
