@@ -15,7 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import trio
 from websockets.trio.client import ClientConnection, connect
@@ -164,6 +164,19 @@ def subprocess_env() -> dict[str, str]:
     env.pop("LISTEN_FDS", None)
     env.pop("STATE_DIRECTORY", None)
     return env
+
+
+async def start_logged(
+    nursery: trio.Nursery, command: list[str], **options: Any
+) -> ProcessLog:
+    """Start ``command`` (environment: :func:`subprocess_env`) with its stderr read into a
+    :class:`ProcessLog` that ``nursery`` pumps; ``options`` go to ``open_process``."""
+    process = await trio.lowlevel.open_process(
+        command, stderr=subprocess.PIPE, env=subprocess_env(), **options
+    )
+    log = ProcessLog(process)
+    nursery.start_soon(log.pump)
+    return log
 
 
 def run_replay_cli(*args: str) -> subprocess.CompletedProcess[str]:

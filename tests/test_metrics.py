@@ -31,7 +31,7 @@ from trio_bridge.server import Bridge
 from trio_bridge.session import SessionStats
 
 from .conftest import TcpTarget, free_port, loopback_listener
-from .recording_support import ProcessLog, scripted_target, start_tcp_target, subprocess_env
+from .recording_support import scripted_target, start_logged, start_tcp_target
 from .test_recording_failures import relay_messages, tiny_filesystem
 from .test_web import fetch
 
@@ -328,11 +328,8 @@ async def test_recording_gaps_on_a_full_disk_are_counted(
         code = "import sys; from trio_bridge.cli import main; sys.exit(main())"
         command = [sys.executable, "-c", code, "--record", str(folder)]
         command += ["--metrics", f"127.0.0.1:{metrics_port}", "127.0.0.1:0", str(target)]
-        process = await trio.lowlevel.open_process(
-            command, stderr=subprocess.PIPE, env=subprocess_env()
-        )
-        log = ProcessLog(process)
-        nursery.start_soon(log.pump)
+        log = await start_logged(nursery, command)
+        process = log.process
         try:
             with trio.fail_after(30):
                 port = await log.port()

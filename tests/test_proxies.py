@@ -50,7 +50,7 @@ from trio_bridge.recording import Recorder, load_recording
 from trio_bridge.routing import ClientInfo
 
 from .conftest import LogWaiter, RawClient, TcpTarget, client_frame, free_port, ws_request
-from .recording_support import ProcessLog, subprocess_env
+from .recording_support import ProcessLog, start_logged
 from .security_support import Pki, open_from, pki, read_all, redis_server
 
 __all__ = ["pki"]
@@ -583,16 +583,10 @@ async def running_process(
     nursery: trio.Nursery, argv: list[str], pass_fds: tuple[int, ...] = ()
 ) -> AsyncIterator[ProcessLog]:
     """``argv`` with its stderr (and stdout) collected; terminated and reaped on exit."""
-    process = await trio.lowlevel.open_process(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=subprocess_env(),
-        pass_fds=pass_fds,
+    output = await start_logged(
+        nursery, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=pass_fds
     )
-    output = ProcessLog(process)
-    nursery.start_soon(output.pump)
+    process = output.process
     try:
         yield output
     finally:

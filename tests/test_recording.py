@@ -47,13 +47,12 @@ from .recording_support import (
     FRAGMENTS,
     GREETING,
     SCRIPT,
-    ProcessLog,
     bridge_command,
     receive_bytes,
     record_scripted_session,
     scripted_target,
+    start_logged,
     start_tcp_target,
-    subprocess_env,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -469,11 +468,8 @@ async def test_record_priority_is_a_deprecated_no_op_with_one_warning(
     """Existing command lines keep working this release: one warning at start-up."""
     target = await start_tcp_target(nursery, scripted_target(greeting=b""))
     command = [*bridge_command(tmp_path, target), "--record-priority", "relay"]
-    process = await trio.lowlevel.open_process(
-        command, stderr=subprocess.PIPE, env=subprocess_env()
-    )
-    log = ProcessLog(process)
-    nursery.start_soon(log.pump)
+    log = await start_logged(nursery, command)
+    process = log.process
     try:
         with trio.fail_after(20):
             await log.port()

@@ -41,10 +41,10 @@ from trio_bridge.recording.format import HEADER_SIZE, EndRecord, Kind, Meta
 from trio_bridge.recording.writer import SessionWriter
 
 from .recording_support import (
-    ProcessLog,
     bridge_command,
     receive_bytes,
     scripted_target,
+    start_logged,
     start_tcp_target,
     subprocess_env,
 )
@@ -243,14 +243,10 @@ async def test_a_file_size_limit_in_a_bridge_process_is_survived_and_marked(
 ) -> None:
     """The same as a full disk without root: RLIMIT_FSIZE makes writes fail with EFBIG."""
     target = await start_tcp_target(nursery, scripted_target(greeting=b""))
-    process = await trio.lowlevel.open_process(
-        bridge_command(tmp_path, target),
-        stderr=subprocess.PIPE,
-        env=subprocess_env(),
-        preexec_fn=_limit_file_size,
+    log = await start_logged(
+        nursery, bridge_command(tmp_path, target), preexec_fn=_limit_file_size
     )
-    log = ProcessLog(process)
-    nursery.start_soon(log.pump)
+    process = log.process
     try:
         with trio.fail_after(20):
             port = await log.port()
@@ -306,11 +302,8 @@ async def test_a_recording_survives_kill_9_mid_session(
     if disk == "stalled":
         os.mkfifo(fifo)
         command[2] = f"FIFO = {str(fifo)!r}\n{STALLED_DISK_BRIDGE}"
-    process = await trio.lowlevel.open_process(
-        command, stderr=subprocess.PIPE, env=subprocess_env()
-    )
-    log = ProcessLog(process)
-    nursery.start_soon(log.pump)
+    log = await start_logged(nursery, command)
+    process = log.process
     sent = bytearray()
     stalled = disk == "stalled"
     try:
